@@ -1,0 +1,1 @@
+"""kvevict: KV-cache token eviction for LLM serving."""

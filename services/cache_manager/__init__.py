@@ -1,0 +1,1 @@
+"""Cache manager: eviction policies, CAOTE, budgets and session state (no transport inside)."""
