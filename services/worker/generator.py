@@ -1,0 +1,125 @@
+"""Generation with an evicting KV cache: block-wise prefill, then a decode loop we own.
+
+transformers' `generate()` re-feeds tokens when the cache is shorter than the sequence, so it
+cannot drive a pruned cache; this loop feeds exactly one new token per step at its true position.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from kvevict.worker.cache_session import CacheSession, EvictionSettings, ForwardObserver
+from kvevict.worker.manager_client import ManagerClient
+from kvevict.worker.sampling import Sampler, SamplingConfig
+
+
+@dataclass
+class EvictionSummary:
+    """What eviction did to one generation."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    evicted_per_layer: list[int]  # tokens evicted per KV head, per layer
+    final_lengths: list[int]  # tokens per KV head left in each layer's cache
+    peak_lengths: list[int]  # largest cache length each layer reached
+    layer_budgets: list[int]
+    kv_bytes: int  # keys + values held at the end
+    full_cache_bytes: int  # what a cache without eviction would hold
+    peak_kv_bytes: int
+    reports: int
+    report_bytes: int
+    manager_seconds: float
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.generated_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated tokens only
+    summary: EvictionSummary
+    step_logits: list[torch.Tensor] = field(default_factory=list)  # when asked: logits that chose each token
+
+
+class EvictingGenerator:
+    """Generates from one model through a manager session per request."""
+
+    def __init__(self, model: torch.nn.Module, manager: ManagerClient, settings: EvictionSettings) -> None:
+        self.model = model
+        self.manager = manager
+        self.settings = settings
+
+    def generate(
+        self,
+        prompt_ids: list[int] | torch.Tensor,
+        max_new_tokens: int,
+        sampling: SamplingConfig = SamplingConfig(),
+        eos_token_ids: set[int] | None = None,
+        on_prefill_block: Callable[[int], None] | None = None,
+        on_token: Callable[[int], None] | None = None,
+        observer: ForwardObserver | None = None,
+        keep_logits: bool = False,
+    ) -> GenerationResult:
+        """Prefills the prompt, then samples up to `max_new_tokens`, stopping at an EOS token."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
+        session = CacheSession(self.model, self.manager, self.settings, observer=observer)
+        sampler = Sampler(sampling)
+        generated: list[int] = []
+        kept_logits: list[torch.Tensor] = []
+        try:
+            started = time.perf_counter()
+            logits = session.prefill(prompt, on_block=on_prefill_block)
+            prefill_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            while len(generated) < max_new_tokens:
+                if keep_logits:
+                    kept_logits.append(logits.float().cpu())
+                token = sampler(logits)
+                generated.append(token)
+                if on_token is not None:
+                    on_token(token)
+                if eos_token_ids and token in eos_token_ids:
+                    break
+                if len(generated) == max_new_tokens:
+                    break  # the last token needs no forward: nothing will read its logits
+                logits = session.decode(token)
+            decode_seconds = time.perf_counter() - started
+            summary = _summarize(session, len(prompt), len(generated), prefill_seconds, decode_seconds)
+        finally:
+            session.close()
+        return GenerationResult(token_ids=generated, summary=summary, step_logits=kept_logits)
+
+
+def _summarize(session: CacheSession, prompt_tokens: int, generated: int, prefill_s: float,
+               decode_s: float) -> EvictionSummary:
+    cache = session.cache
+    final = [cache.length(layer) for layer in range(cache.num_layers)]
+    return EvictionSummary(
+        prompt_tokens=prompt_tokens,
+        generated_tokens=generated,
+        evicted_per_layer=[cache.tokens_seen - length for length in final],
+        final_lengths=final,
+        peak_lengths=list(session.stats.peak_lengths),
+        layer_budgets=list(session.layer_budgets),
+        kv_bytes=cache.kv_bytes(),
+        full_cache_bytes=cache.full_cache_bytes(),
+        peak_kv_bytes=session.stats.peak_kv_bytes,
+        reports=session.stats.reports,
+        report_bytes=session.stats.report_bytes,
+        manager_seconds=session.stats.manager_seconds,
+        prefill_seconds=prefill_s,
+        decode_seconds=decode_s,
+    )

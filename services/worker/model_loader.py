@@ -1,0 +1,78 @@
+"""Loading a Hugging Face causal LM with kvevict attention."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from kvevict.v1 import cache_manager_pb2 as pb
+from kvevict.worker.attention import ATTN_IMPLEMENTATION
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_threads() -> int:
+    """Intra-op threads for CPU inference: on 2-core machines 2 threads ran slower than 1."""
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 2 else max(1, cores // 2)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    name_or_path: str, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, "AutoTokenizer"]:
+    """Loads a causal LM and its tokenizer from a local path or a hub id (hub ids need network)."""
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path,
+        dtype=resolve_dtype(dtype),
+        attn_implementation=ATTN_IMPLEMENTATION,
+        trust_remote_code=trust_remote_code,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return prepare(model, device), tokenizer
+
+
+def model_from_config(config: PretrainedConfig, seed: int = 0, dtype: str = "float32") -> PreTrainedModel:
+    """A randomly initialised model of `config` (tests and benchmarks; no weights needed)."""
+    torch.manual_seed(seed)
+    # from_config writes the attention choice into the config: keep the caller's config intact.
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=resolve_dtype(dtype),
+                                             attn_implementation=ATTN_IMPLEMENTATION)
+    return prepare(model, "cpu")
+
+
+def prepare(model: PreTrainedModel, device: str) -> PreTrainedModel:
+    model = model.to(resolve_device(device))
+    model.eval()
+    return model
+
+
+def geometry_of(model_or_config: PreTrainedModel | PretrainedConfig) -> pb.ModelGeometry:
+    """The cache geometry the manager needs: layers, KV heads, query heads, head dimension."""
+    config = getattr(model_or_config, "config", model_or_config)
+    text = config.get_text_config(decoder=True)
+    query_heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or query_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // query_heads
+    return pb.ModelGeometry(num_layers=text.num_hidden_layers, num_kv_heads=kv_heads,
+                            num_query_heads=query_heads, head_dim=head_dim)
+
+
+def load_config(name_or_path: str) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(name_or_path)
