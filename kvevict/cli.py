@@ -132,9 +132,9 @@ def _prefill_progress(prompt_tokens: int, block_size: int, disabled: bool):
 
 
 def _policies() -> int:
-    from kvevict.cache_manager.service import describe_policies
+    from kvevict.cache_manager.registry import format_policies
 
-    print(describe_policies())
+    print(format_policies())
     return 0
 
 
