@@ -1,0 +1,42 @@
+"""H2O (heavy hitters): keep the tokens with the largest attention accumulated over every query."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvevict.cache_manager.policies.base import BasePolicy, LayerContext
+from kvevict.cache_manager.statistics import ATTN_SUM, VALUE_DEV_RUNNING, StatisticRequirement
+
+_ATTN_SUM = StatisticRequirement(ATTN_SUM)
+
+
+@dataclass(frozen=True)
+class H2O(BasePolicy):
+    name = "h2o"
+    description = "accumulated attention over every query so far; half heavy hitters, half recent"
+    accumulates = True
+
+    def required_statistics(self) -> tuple[StatisticRequirement, ...]:
+        return (_ATTN_SUM,)
+
+    def default_recent(self, budget: int) -> int:
+        # The paper splits the budget evenly between heavy hitters and the recent window.
+        return budget // 2
+
+    def accumulate(self, previous: np.ndarray, statistics: Mapping[StatisticRequirement, np.ndarray]) -> np.ndarray:
+        # Tokens are appended at the end and kept in order, so old tokens are the leading columns.
+        total = np.array(statistics[_ATTN_SUM], dtype=np.float32, copy=True)
+        total[:, : previous.shape[1]] += previous
+        return total
+
+    def score(self, ctx: LayerContext) -> np.ndarray:
+        assert ctx.accumulator is not None, "the manager passes the accumulator to accumulating policies"
+        return ctx.accumulator
+
+    def caote_reference(self) -> StatisticRequirement:
+        # The accumulated attention is a running sum over all queries: its virtual query's output
+        # is the running mean output.
+        return StatisticRequirement(VALUE_DEV_RUNNING)

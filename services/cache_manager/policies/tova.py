@@ -1,0 +1,28 @@
+"""TOVA: keep the tokens the last query attends to most."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvevict.cache_manager.policies.base import BasePolicy, LayerContext
+from kvevict.cache_manager.statistics import ATTN_WINDOW, VALUE_DEV_WINDOW, StatisticRequirement
+
+_LAST_QUERY = StatisticRequirement(ATTN_WINDOW, 1)
+
+
+@dataclass(frozen=True)
+class TOVA(BasePolicy):
+    name = "tova"
+    description = "attention of the last query"
+
+    def required_statistics(self) -> tuple[StatisticRequirement, ...]:
+        return (_LAST_QUERY,)
+
+    def score(self, ctx: LayerContext) -> np.ndarray:
+        return ctx.statistics[_LAST_QUERY]
+
+    def caote_reference(self) -> StatisticRequirement:
+        # Same single query: CAOTE is then exactly the output change of evicting each token.
+        return StatisticRequirement(VALUE_DEV_WINDOW, 1)

@@ -1,0 +1,94 @@
+"""A session's settings: the OpenSessionRequest validated and resolved (defaults filled in).
+
+Settings are plain data so any replica can rebuild the session's policy and allocator from the
+stored state; `policy()` and `allocator()` do that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from kvevict.cache_manager.budgets import BudgetAllocator, make_allocator
+from kvevict.cache_manager.errors import InvalidArgument
+from kvevict.cache_manager.geometry import Geometry
+from kvevict.cache_manager.policies import make_base
+from kvevict.cache_manager.selection import validate_protection
+from kvevict.cache_manager.statistics import StatisticRequirement
+from kvevict.cache_manager.wrappers import Wrapper, make_policy
+from kvevict.v1 import cache_manager_pb2 as pb
+from kvevict.v1 import tensor_pb2
+
+STATISTICS_DTYPES = (tensor_pb2.DTYPE_FLOAT16, tensor_pb2.DTYPE_FLOAT32)
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """Everything OpenSession fixed for the life of a session."""
+
+    geometry: Geometry
+    base: str
+    wrapper: str
+    window: int  # as requested; 0 = the policy's default
+    pool_kernel: int  # as requested; 0 = the policy's default
+    seed: int
+    sink: int  # resolved: the request's value or the policy's default
+    recent: int  # resolved likewise
+    budget_tokens: int
+    allocator_name: str
+    block_size: int
+    statistics_dtype: int
+    statistics: tuple[StatisticRequirement, ...]
+
+    def policy(self) -> Wrapper:
+        base = make_base(self.base, window=self.window, pool_kernel=self.pool_kernel, seed=self.seed)
+        return make_policy(base, self.wrapper)
+
+    def allocator(self) -> BudgetAllocator:
+        return make_allocator(self.allocator_name, self.budget_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["statistics"] = [[req.statistic, req.window] for req in self.statistics]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SessionSettings:
+        data = dict(data)
+        data["geometry"] = Geometry(**data["geometry"])
+        data["statistics"] = tuple(StatisticRequirement(s, w) for s, w in data["statistics"])
+        return cls(**data)
+
+
+def settings_from_request(request: pb.OpenSessionRequest) -> SessionSettings:
+    """Validates an OpenSessionRequest and resolves its defaults; InvalidArgument names the field."""
+    geometry = Geometry.from_proto(request.geometry)
+    if request.block_size <= 0:
+        raise InvalidArgument("block_size", f"must be > 0, got {request.block_size}")
+    dtype = request.statistics_dtype or tensor_pb2.DTYPE_FLOAT16
+    if dtype not in STATISTICS_DTYPES:
+        raise InvalidArgument("statistics_dtype", f"must be DTYPE_FLOAT16 or DTYPE_FLOAT32, got {dtype}")
+    allocator = make_allocator(request.budget.allocator, request.budget.tokens)
+    budgets = allocator.initial_budgets(geometry)
+    spec = request.policy
+    base = make_base(spec.base, window=spec.window, pool_kernel=spec.pool_kernel, seed=spec.seed)
+    policy = make_policy(base, spec.wrapper)
+    sink = spec.sink_tokens if spec.HasField("sink_tokens") else base.default_sink
+    # Defaults that depend on the budget use the average budget (uniform: every layer's).
+    recent = spec.recent_tokens if spec.HasField("recent_tokens") else base.default_recent(allocator.tokens)
+    validate_protection(sink, recent, budgets)
+    return SessionSettings(
+        geometry=geometry,
+        base=base.name,
+        wrapper=policy.name,
+        window=spec.window,
+        pool_kernel=spec.pool_kernel,
+        seed=spec.seed,
+        sink=sink,
+        recent=recent,
+        budget_tokens=allocator.tokens,
+        allocator_name=allocator.name,
+        block_size=request.block_size,
+        statistics_dtype=dtype,
+        statistics=policy.required_statistics(),
+    )

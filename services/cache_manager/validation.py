@@ -1,0 +1,111 @@
+"""Checks a ReportBlockRequest against its session before anything is computed or stored.
+
+Every error is an InvalidArgument naming the field (`positions`, `layers[3].values[1].dtype`...),
+so a malformed report never reaches the state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvevict import wire
+from kvevict.cache_manager.errors import InvalidArgument
+from kvevict.cache_manager.state import SessionState
+from kvevict.cache_manager.statistics import StatisticRequirement
+from kvevict.v1 import cache_manager_pb2 as pb
+from kvevict.v1 import tensor_pb2
+
+# Positions are tracked as int32 (half the state of int64); no context comes near this.
+MAX_POSITION = np.iinfo(np.int32).max
+PHASES = (pb.PHASE_PREFILL, pb.PHASE_DECODE)
+
+
+@dataclass(frozen=True)
+class ValidatedReport:
+    """A report's content, decoded and checked."""
+
+    phase: int
+    positions: np.ndarray  # (new_tokens,) int64, strictly increasing, after every tracked position
+    # Per layer: statistic -> (num_kv_heads, cache_length) float32, finite.
+    statistics: tuple[dict[StatisticRequirement, np.ndarray], ...]
+
+
+def decode(tensor: tensor_pb2.Tensor, field: str) -> np.ndarray:
+    """kvevict.wire.decode (zero-copy), with WireError turned into InvalidArgument."""
+    try:
+        return wire.decode(tensor, field)
+    except wire.WireError as error:
+        raise InvalidArgument(error.field, str(error).removeprefix(f"{error.field}: ")) from error
+
+
+def validate_report(request: pb.ReportBlockRequest, state: SessionState) -> ValidatedReport:
+    """Validates everything but the session id and sequence number (the service checks those)."""
+    if request.phase not in PHASES:
+        raise InvalidArgument("phase", f"must be PHASE_PREFILL or PHASE_DECODE, got {request.phase}")
+    positions = _positions(request, state.last_position)
+    settings = state.settings
+    if len(request.layers) != settings.geometry.num_layers:
+        raise InvalidArgument("layers", f"expected {settings.geometry.num_layers} layers, got {len(request.layers)}")
+    statistics = tuple(
+        _layer(layer, i, state.cache_lengths[i], len(positions), state)
+        for i, layer in enumerate(request.layers)
+    )
+    return ValidatedReport(phase=request.phase, positions=positions, statistics=statistics)
+
+
+def _positions(request: pb.ReportBlockRequest, last_position: int) -> np.ndarray:
+    if not request.HasField("positions"):
+        raise InvalidArgument("positions", "missing")
+    tensor = request.positions
+    if tensor.dtype != tensor_pb2.DTYPE_INT64:
+        raise InvalidArgument("positions.dtype", f"must be DTYPE_INT64, got {wire.dtype_name(tensor.dtype)}")
+    if len(tensor.shape) != 1:
+        raise InvalidArgument("positions.shape", f"must be 1-D (new_tokens,), got {list(tensor.shape)}")
+    positions = decode(tensor, "positions")
+    if positions.size == 0:
+        raise InvalidArgument("positions", "no new tokens")
+    if positions.size > 1 and not (np.diff(positions) > 0).all():
+        raise InvalidArgument("positions", "must be strictly increasing")
+    if positions[0] <= last_position or positions[0] < 0:
+        raise InvalidArgument("positions", f"first position {positions[0]} must be >= 0 and above {last_position}, the last one reported")
+    if positions[-1] > MAX_POSITION:
+        raise InvalidArgument("positions", f"position {positions[-1]} exceeds {MAX_POSITION}")
+    return positions
+
+
+def _layer(
+    layer: pb.LayerStatistics, index: int, tracked: int, new_tokens: int, state: SessionState
+) -> dict[StatisticRequirement, np.ndarray]:
+    field = f"layers[{index}]"
+    expected_length = tracked + new_tokens
+    settings = state.settings
+    if layer.layer != index:
+        raise InvalidArgument(f"{field}.layer", f"layers must come in order: expected {index}, got {layer.layer}")
+    if layer.cache_length != expected_length:
+        raise InvalidArgument(
+            f"{field}.cache_length",
+            f"expected {expected_length} ({tracked} cached + {new_tokens} new tokens), got {layer.cache_length}",
+        )
+    if len(layer.values) != len(settings.statistics):
+        raise InvalidArgument(f"{field}.values", f"expected {len(settings.statistics)} tensors (one per negotiated statistic), got {len(layer.values)}")
+    shape = (settings.geometry.num_kv_heads, expected_length)
+    statistics = {}
+    for k, (requirement, tensor) in enumerate(zip(settings.statistics, layer.values)):
+        name = f"{field}.values[{k}]"
+        if tensor.dtype != settings.statistics_dtype:
+            raise InvalidArgument(
+                f"{name}.dtype", f"{requirement.name} must be {wire.dtype_name(settings.statistics_dtype)}, got {wire.dtype_name(tensor.dtype)}"
+            )
+        if tuple(tensor.shape) != shape:
+            raise InvalidArgument(f"{name}.shape", f"{requirement.name} must have shape {list(shape)}, got {list(tensor.shape)}")
+        values = np.asarray(decode(tensor, name), dtype=np.float32)
+        # Two reductions instead of elementwise masks: NaN propagates into min and max.
+        low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise InvalidArgument(name, f"{requirement.name} holds NaN or Inf")
+        if requirement.non_negative and low < 0:
+            raise InvalidArgument(name, f"{requirement.name} must be non-negative")
+        statistics[requirement] = values
+    return statistics
