@@ -56,6 +56,7 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     import torch
+    from transformers.utils import logging as transformers_logging
 
     from kvevict.worker.cache_session import EvictionSettings
     from kvevict.worker.generator import EvictingGenerator
@@ -66,6 +67,7 @@ def _generate(args: argparse.Namespace) -> int:
     from kvevict.cache_manager.errors import ManagerError
 
     torch.set_num_threads(args.threads or default_threads())
+    transformers_logging.disable_progress_bar()  # weight-loading bars would bury the output
     text = args.prompt if args.prompt is not None else args.prompt_file.read_text()
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
                                   trust_remote_code=args.trust_remote_code)

@@ -4,6 +4,7 @@ KV budget, once with the full cache and once evicting with CAOTE-wrapped H2O (em
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from kvevict.cli import main as kvevict
@@ -23,6 +24,9 @@ def run() -> int:
     runs = [("full cache (budget above the prompt length)", ["--policy", "h2o", "--budget", "100000"]),
             (f"CAOTE + H2O, budget {args.budget} tokens per KV head",
              ["--policy", "h2o", "--wrapper", "caote", "--budget", str(args.budget), "--sink", "4"])]
+    prompt_tail = Path(args.prompt_file).read_text().rstrip("\n").splitlines()[-4:]
+    print(f"prompt: {os.path.relpath(args.prompt_file)} ({len(Path(args.prompt_file).read_text())} characters), ending with:")
+    print("\n".join("    | " + line for line in prompt_tail))
     for title, extra in runs:
         print(f"\n######## {title} ########", flush=True)
         status = kvevict(common + extra)

@@ -21,7 +21,7 @@ def format_summary(summary: EvictionSummary, policy: str = "") -> str:
     saved = 1 - summary.kv_bytes / summary.full_cache_bytes if summary.full_cache_bytes else 0.0
     lines += [
         f"tokens evicted per KV head: {sum(summary.evicted_per_layer)} over all layers "
-        f"({sum(summary.evicted_per_layer) / max(1, total_tokens * len(summary.final_lengths)):.1%} of cached tokens)",
+        f"({sum(summary.evicted_per_layer) / max(1, total_tokens * len(summary.final_lengths)):.1%} of every layer's tokens)",
         f"KV cache: {_mib(summary.kv_bytes)} used vs {_mib(summary.full_cache_bytes)} full cache "
         f"({saved:.1%} saved; peak {_mib(summary.peak_kv_bytes)})",
         f"prefill: {summary.prefill_seconds:.2f} s ({summary.prefill_tokens_per_second:.1f} tok/s); "
