@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -10,6 +11,9 @@ from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
 
 WRAPPERS = ("none", "caote", "fastcaote")
+# Each service adds its own commands (`manager serve`, `worker serve`, `client ...`): an
+# `add_commands(subparsers)` that registers parsers with `set_defaults(run=callable(args) -> int)`.
+SERVICE_COMMANDS = ("kvevict.cache_manager.command", "kvevict.worker.command")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,11 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate(commands.add_parser("generate", help="generate text with an evicting KV cache"))
     commands.add_parser("policies", help="list eviction policies, wrappers, allocators and their options")
+    for module in SERVICE_COMMANDS:
+        importlib.import_module(module).add_commands(commands)
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             return _generate(args)
-        return _policies()
+        if args.command == "policies":
+            return _policies()
+        return args.run(args)
     except (ValueError, OSError) as error:  # bad flags, unreadable files, invalid policy settings
         print(f"kvevict: error: {error}", file=sys.stderr)
         return 2

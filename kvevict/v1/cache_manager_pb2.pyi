@@ -169,3 +169,69 @@ class CloseSessionResponse(_message.Message):
     reports: int
     evicted_tokens: int
     def __init__(self, reports: _Optional[int] = ..., evicted_tokens: _Optional[int] = ...) -> None: ...
+
+class GetSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class GetSessionResponse(_message.Message):
+    __slots__ = ("session_id", "geometry", "policy", "budget", "block_size", "reports", "last_sequence", "evicted_tokens", "layer_budgets", "cache_lengths")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    GEOMETRY_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    geometry: ModelGeometry
+    policy: PolicySpec
+    budget: BudgetSpec
+    block_size: int
+    reports: int
+    last_sequence: int
+    evicted_tokens: int
+    layer_budgets: _containers.RepeatedScalarFieldContainer[int]
+    cache_lengths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., geometry: _Optional[_Union[ModelGeometry, _Mapping]] = ..., policy: _Optional[_Union[PolicySpec, _Mapping]] = ..., budget: _Optional[_Union[BudgetSpec, _Mapping]] = ..., block_size: _Optional[int] = ..., reports: _Optional[int] = ..., last_sequence: _Optional[int] = ..., evicted_tokens: _Optional[int] = ..., layer_budgets: _Optional[_Iterable[int]] = ..., cache_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ListPoliciesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PolicyOption(_message.Message):
+    __slots__ = ("name", "default_value", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    default_value: str
+    description: str
+    def __init__(self, name: _Optional[str] = ..., default_value: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+
+class PolicyInfo(_message.Message):
+    __slots__ = ("kind", "name", "description", "statistics", "accumulates", "options")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    ACCUMULATES_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    name: str
+    description: str
+    statistics: _containers.RepeatedScalarFieldContainer[str]
+    accumulates: bool
+    options: _containers.RepeatedCompositeFieldContainer[PolicyOption]
+    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., statistics: _Optional[_Iterable[str]] = ..., accumulates: _Optional[bool] = ..., options: _Optional[_Iterable[_Union[PolicyOption, _Mapping]]] = ...) -> None: ...
+
+class ListPoliciesResponse(_message.Message):
+    __slots__ = ("policies",)
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    policies: _containers.RepeatedCompositeFieldContainer[PolicyInfo]
+    def __init__(self, policies: _Optional[_Iterable[_Union[PolicyInfo, _Mapping]]] = ...) -> None: ...

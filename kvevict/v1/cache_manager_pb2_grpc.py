@@ -52,6 +52,16 @@ class CacheManagerServiceStub:
                 request_serializer=kvevict_dot_v1_dot_cache__manager__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=kvevict_dot_v1_dot_cache__manager__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.GetSession = channel.unary_unary(
+                '/kvevict.v1.CacheManagerService/GetSession',
+                request_serializer=kvevict_dot_v1_dot_cache__manager__pb2.GetSessionRequest.SerializeToString,
+                response_deserializer=kvevict_dot_v1_dot_cache__manager__pb2.GetSessionResponse.FromString,
+                _registered_method=True)
+        self.ListPolicies = channel.unary_unary(
+                '/kvevict.v1.CacheManagerService/ListPolicies',
+                request_serializer=kvevict_dot_v1_dot_cache__manager__pb2.ListPoliciesRequest.SerializeToString,
+                response_deserializer=kvevict_dot_v1_dot_cache__manager__pb2.ListPoliciesResponse.FromString,
+                _registered_method=True)
 
 
 class CacheManagerServiceServicer:
@@ -81,6 +91,20 @@ class CacheManagerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSession(self, request, context):
+        """Counters and current budgets of one session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPolicies(self, request, context):
+        """The base policies, wrappers and budget allocators this manager offers, with their options.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheManagerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +122,16 @@ def add_CacheManagerServiceServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=kvevict_dot_v1_dot_cache__manager__pb2.CloseSessionRequest.FromString,
                     response_serializer=kvevict_dot_v1_dot_cache__manager__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'GetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSession,
+                    request_deserializer=kvevict_dot_v1_dot_cache__manager__pb2.GetSessionRequest.FromString,
+                    response_serializer=kvevict_dot_v1_dot_cache__manager__pb2.GetSessionResponse.SerializeToString,
+            ),
+            'ListPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPolicies,
+                    request_deserializer=kvevict_dot_v1_dot_cache__manager__pb2.ListPoliciesRequest.FromString,
+                    response_serializer=kvevict_dot_v1_dot_cache__manager__pb2.ListPoliciesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +218,60 @@ class CacheManagerService:
             '/kvevict.v1.CacheManagerService/CloseSession',
             kvevict_dot_v1_dot_cache__manager__pb2.CloseSessionRequest.SerializeToString,
             kvevict_dot_v1_dot_cache__manager__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvevict.v1.CacheManagerService/GetSession',
+            kvevict_dot_v1_dot_cache__manager__pb2.GetSessionRequest.SerializeToString,
+            kvevict_dot_v1_dot_cache__manager__pb2.GetSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvevict.v1.CacheManagerService/ListPolicies',
+            kvevict_dot_v1_dot_cache__manager__pb2.ListPoliciesRequest.SerializeToString,
+            kvevict_dot_v1_dot_cache__manager__pb2.ListPoliciesResponse.FromString,
             options,
             channel_credentials,
             insecure,
