@@ -22,6 +22,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) scripts/demo.py --model $(DEMO_MODEL)
 
 test: $(STAMP) check-proto
+	scripts/install_system_deps.sh
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 proto: $(STAMP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -10,15 +11,21 @@ import numpy as np
 import torch
 
 from kvevict import wire
+from kvevict.cache_manager.errors import NotFound
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
 from kvevict.worker.attention import COLLECTOR_KWARG
 from kvevict.worker.kv_cache import PrunableCache
-from kvevict.worker.manager_client import ManagerClient
+from kvevict.worker.manager_client import EmbeddedManagerClient, ManagerClient
 from kvevict.worker.model_loader import geometry_of
+from kvevict.worker.remote_manager import ManagerUnavailable
 from kvevict.worker.statistics import Requirement, StatisticsCollector
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+log = logging.getLogger(__name__)
+
+# A manager that stays unreachable, or lost the session (restarted without its state).
+_LOST_MANAGER = (ManagerUnavailable, NotFound)
 
 # Called before every forward with the new tokens' positions (q,) and every layer's cached
 # positions (Hkv, L) including them: exactly what each query of the forward can see.
@@ -33,6 +40,9 @@ class EvictionSettings:
     budget: pb.BudgetSpec
     block_size: int = 128
     statistics_dtype: int = tensor_pb2.DTYPE_FLOAT16
+    # When the manager stays unreachable (or lost the session), go on with the same policy code
+    # in-process instead of failing the request.
+    fail_open: bool = True
 
 
 @dataclass
@@ -44,6 +54,7 @@ class SessionStats:
     report_bytes: int = 0
     peak_lengths: list[int] = field(default_factory=list)
     peak_kv_bytes: int = 0
+    manager_fallback: bool = False
 
 
 class CacheSession:
@@ -56,9 +67,18 @@ class CacheSession:
         self.settings = settings
         self.observer = observer
         self.geometry = geometry_of(model)
-        opened = manager.open_session(pb.OpenSessionRequest(
+        self._open_request = pb.OpenSessionRequest(
             geometry=self.geometry, policy=settings.policy, budget=settings.budget,
-            block_size=settings.block_size, statistics_dtype=settings.statistics_dtype))
+            block_size=settings.block_size, statistics_dtype=settings.statistics_dtype)
+        self.stats = SessionStats(peak_lengths=[0] * self.geometry.num_layers)
+        try:
+            opened = manager.open_session(self._open_request)
+        except _LOST_MANAGER as error:
+            if not settings.fail_open:
+                raise
+            self._note_fallback(error)
+            self.manager = EmbeddedManagerClient()
+            opened = self.manager.open_session(self._open_request)
         self.session_id = opened.session_id
         self.report_every_block = opened.report_every_block
         self.layer_budgets = list(opened.layer_budgets)
@@ -68,7 +88,6 @@ class CacheSession:
         self.cache = PrunableCache(self.geometry.num_layers, self.geometry.num_kv_heads, device)
         requirements = [Requirement.from_proto(r) for r in opened.statistics]
         self.collector = StatisticsCollector(requirements, self.geometry.num_layers, self.cache)
-        self.stats = SessionStats(peak_lengths=[0] * self.geometry.num_layers)
         self._next_position = 0
         self._pending_positions: list[torch.Tensor] = []
         self._sequence = 0
@@ -76,14 +95,22 @@ class CacheSession:
         self._closed = False
 
     # -- forwards -------------------------------------------------------------------------
-    def prefill(self, token_ids: torch.Tensor, on_block: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Feeds prompt tokens (n,) block by block; returns the logits (vocab,) after the last."""
+    def prefill(self, token_ids: torch.Tensor, on_block: Callable[[int], None] | None = None,
+                on_block_logits: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Feeds prompt tokens (n,) block by block; returns the logits (vocab,) after the last.
+
+        on_block_logits, when given, receives every block's logits (q, vocab) before the block's
+        eviction (teacher forcing: what the model predicted with the cache it had then).
+        """
         if token_ids.numel() == 0:
             raise ValueError("the prompt has no tokens")
         logits = None
         for chunk in torch.split(token_ids, self.settings.block_size):
             self.collector.start_period(chunk.numel())
-            logits = self._forward(chunk)
+            block_logits = self._forward(chunk, all_logits=on_block_logits is not None)
+            if on_block_logits is not None:
+                on_block_logits(block_logits)
+            logits = block_logits[-1]
             self._end_period(pb.PHASE_PREFILL)
             if on_block is not None:
                 on_block(chunk.numel())
@@ -93,7 +120,7 @@ class CacheSession:
         """Feeds one generated token; returns the logits of the next position."""
         if self._decode_steps == 0:
             self.collector.start_period(self.settings.block_size)
-        logits = self._forward(torch.tensor([token_id]))
+        logits = self._forward(torch.tensor([token_id]))[-1]
         self._decode_steps += 1
         if self._decode_steps == self.settings.block_size:
             self._decode_steps = 0
@@ -101,7 +128,8 @@ class CacheSession:
         return logits
 
     @torch.inference_mode()
-    def _forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def _forward(self, token_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """One forward of new tokens; logits (q or 1, vocab) of every or only the last position."""
         positions = torch.arange(self._next_position, self._next_position + token_ids.numel(), device=self.device)
         self._next_position += token_ids.numel()
         self._pending_positions.append(positions)
@@ -114,13 +142,13 @@ class CacheSession:
             position_ids=positions[None, :],
             past_key_values=self.cache.hf_cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if all_logits else 1,
             **{COLLECTOR_KWARG: self.collector},
         )
         for layer in range(self.cache.num_layers):
             self.stats.peak_lengths[layer] = max(self.stats.peak_lengths[layer], self.cache.length(layer))
         self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.cache.kv_bytes())
-        return output.logits[0, -1]
+        return output.logits[0]
 
     # -- reports --------------------------------------------------------------------------
     def _end_period(self, phase: int) -> None:
@@ -131,7 +159,12 @@ class CacheSession:
     def _report(self, phase: int) -> None:
         request = self._build_report(phase)
         started = time.perf_counter()
-        response = self.manager.report_block(request)
+        try:
+            response = self.manager.report_block(request)
+        except _LOST_MANAGER as error:
+            if not self.settings.fail_open:
+                raise
+            response = self._report_in_process(request, error)
         self.stats.manager_seconds += time.perf_counter() - started
         self.stats.reports += 1
         self.stats.report_bytes += request.ByteSize()
@@ -158,8 +191,30 @@ class CacheSession:
             statistic = statistic.clamp(-FLOAT16_MAX, FLOAT16_MAX)
         return wire.encode(statistic.cpu().numpy().astype(self.wire_dtype))
 
+    def _report_in_process(self, request: pb.ReportBlockRequest, error: Exception) -> pb.ReportBlockResponse:
+        """Fail-open: a local manager adopts the cache as it was before this report, then decides it."""
+        self._note_fallback(error)
+        pending = request.positions.shape[0]
+        tracked = [self.cache.positions(layer)[:, : self.cache.length(layer) - pending].cpu().numpy()
+                   for layer in range(self.cache.num_layers)]
+        local = EmbeddedManagerClient()
+        adopted = local.core.adopt_session(self._open_request, tracked)
+        self.manager, self.session_id, self._sequence = local, adopted.session_id, 1
+        request.session_id, request.sequence = adopted.session_id, 1
+        return local.report_block(request)
+
+    def _note_fallback(self, error: Exception) -> None:
+        # Logged once per session: every later report of the session stays in-process.
+        self.stats.manager_fallback = True
+        log.warning("event=manager_fallback session=%s error=%r", getattr(self, "session_id", None), str(error))
+
     def close(self) -> pb.CloseSessionResponse | None:
         if self._closed:
             return None
         self._closed = True
-        return self.manager.close_session(pb.CloseSessionRequest(session_id=self.session_id))
+        try:
+            return self.manager.close_session(pb.CloseSessionRequest(session_id=self.session_id))
+        except _LOST_MANAGER as error:
+            # The session expires with its TTL; the generation itself is complete.
+            log.warning("event=close_failed session=%s error=%r", self.session_id, str(error))
+            return None

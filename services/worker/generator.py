@@ -35,6 +35,7 @@ class EvictionSummary:
     manager_seconds: float
     prefill_seconds: float
     decode_seconds: float
+    manager_fallback: bool = False  # the manager was lost and the session went on in-process
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -97,13 +98,13 @@ class EvictingGenerator:
                     break  # the last token needs no forward: nothing will read its logits
                 logits = session.decode(token)
             decode_seconds = time.perf_counter() - started
-            summary = _summarize(session, len(prompt), len(generated), prefill_seconds, decode_seconds)
+            summary = summarize(session, len(prompt), len(generated), prefill_seconds, decode_seconds)
         finally:
             session.close()
         return GenerationResult(token_ids=generated, summary=summary, step_logits=kept_logits)
 
 
-def _summarize(session: CacheSession, prompt_tokens: int, generated: int, prefill_s: float,
+def summarize(session: CacheSession, prompt_tokens: int, generated: int, prefill_s: float,
                decode_s: float) -> EvictionSummary:
     cache = session.cache
     final = [cache.length(layer) for layer in range(cache.num_layers)]
@@ -122,4 +123,5 @@ def _summarize(session: CacheSession, prompt_tokens: int, generated: int, prefil
         manager_seconds=session.stats.manager_seconds,
         prefill_seconds=prefill_s,
         decode_seconds=decode_s,
+        manager_fallback=session.stats.manager_fallback,
     )
