@@ -36,6 +36,8 @@ OPEN_CASES = {
     "no kv heads": (_set(geometry__num_kv_heads=0), "geometry.num_kv_heads"),
     "no query heads": (_set(geometry__num_query_heads=0), "geometry.num_query_heads"),
     "no head dim": (_set(geometry__head_dim=0), "geometry.head_dim"),
+    "absurdly many layers": (_set(geometry__num_layers=2**32 - 1), "geometry.num_layers"),
+    "absurdly many kv heads": (_set(geometry__num_kv_heads=4096, geometry__num_query_heads=4096), "geometry.num_kv_heads"),
     "query heads not a multiple": (_set(geometry__num_query_heads=3), "geometry.num_query_heads"),
     "no geometry": (lambda r: r.ClearField("geometry"), "geometry.num_layers"),
     "zero block size": (_set(block_size=0), "block_size"),

@@ -1,5 +1,80 @@
-"""`kvevict` commands of this service."""
+"""`kvevict manager serve`: the CacheManagerService gRPC server.
+
+Every flag has an environment variable (the flag wins): KVEVICT_MANAGER_HOST, KVEVICT_MANAGER_PORT,
+KVEVICT_REDIS_URL, KVEVICT_SESSION_TTL_S, KVEVICT_MAX_SESSIONS, KVEVICT_MAX_MESSAGE_MB,
+KVEVICT_MAX_CONCURRENT_RPCS, KVEVICT_REDIS_TIMEOUT_S, KVEVICT_STATE_CACHE_MB, KVEVICT_GRACE_S,
+KVEVICT_LOG_LEVEL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+ENV = {
+    "host": "KVEVICT_MANAGER_HOST",
+    "port": "KVEVICT_MANAGER_PORT",
+    "redis_url": "KVEVICT_REDIS_URL",
+    "session_ttl": "KVEVICT_SESSION_TTL_S",
+    "max_sessions": "KVEVICT_MAX_SESSIONS",
+    "max_message_mb": "KVEVICT_MAX_MESSAGE_MB",
+    "max_concurrent_rpcs": "KVEVICT_MAX_CONCURRENT_RPCS",
+    "redis_timeout": "KVEVICT_REDIS_TIMEOUT_S",
+    "state_cache_mb": "KVEVICT_STATE_CACHE_MB",
+    "grace": "KVEVICT_GRACE_S",
+    "log_level": "KVEVICT_LOG_LEVEL",
+}
 
 
 def add_commands(subparsers) -> None:
-    """Registers this service's commands (filled in by the service)."""
+    """Registers `manager serve`."""
+    manager = subparsers.add_parser("manager", help="the cache manager service")
+    commands = manager.add_subparsers(dest="manager_command", required=True)
+    serve = commands.add_parser(
+        "serve", help="serve CacheManagerService over gRPC until SIGTERM",
+        description="Serves kvevict.v1.CacheManagerService (plus health and reflection) until SIGTERM or SIGINT. "
+                    "Each flag defaults to its environment variable, shown in brackets.",
+    )
+    add_serve_flags(serve)
+    serve.set_defaults(run=run_serve)
+
+
+def _env(parser: argparse.ArgumentParser, flag: str, dest: str, default: str, help: str, **kwargs) -> None:
+    variable = ENV[dest]
+    parser.add_argument(flag, dest=dest, default=os.environ.get(variable, default),
+                        help=f"{help} [{variable}, default {default}]", **kwargs)
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    _env(parser, "--host", "host", "127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    _env(parser, "--port", "port", "50051", "port to listen on; 0 picks a free one (logged when ready)", type=int)
+    _env(parser, "--redis-url", "redis_url", "memory://",
+         "session state store: redis://host:port/db, or memory:// for in-process state (a single replica)")
+    _env(parser, "--session-ttl", "session_ttl", "3600", "seconds an idle session lives (refreshed on every write)", type=int)
+    _env(parser, "--max-sessions", "max_sessions", "10000",
+         "open sessions allowed (shared by all replicas with Redis); more: RESOURCE_EXHAUSTED; 0 = no limit", type=int)
+    _env(parser, "--max-message-mb", "max_message_mb", "64", "largest request / response in MiB", type=float)
+    _env(parser, "--max-concurrent-rpcs", "max_concurrent_rpcs", "256",
+         "calls served at once; more: RESOURCE_EXHAUSTED; 0 = no limit", type=int)
+    _env(parser, "--redis-timeout", "redis_timeout", "2.0", "seconds before a Redis command fails UNAVAILABLE", type=float)
+    _env(parser, "--state-cache-mb", "state_cache_mb", "256",
+         "MiB of session states each replica caches to skip reading them back from Redis; 0 = none", type=float)
+    _env(parser, "--grace", "grace", "10", "seconds running calls may finish after SIGTERM", type=float)
+    _env(parser, "--log-level", "log_level", "INFO", "debug, info, warning or error (debug logs every call)")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from kvevict.cache_manager import logs
+    from kvevict.cache_manager.server import ServerConfig, serve
+
+    config = ServerConfig(
+        host=args.host, port=args.port, redis_url=args.redis_url or "memory://",
+        session_ttl_s=args.session_ttl, max_sessions=args.max_sessions,
+        max_message_bytes=int(args.max_message_mb * 2**20), max_concurrent_rpcs=args.max_concurrent_rpcs,
+        redis_timeout_s=args.redis_timeout, state_cache_bytes=int(args.state_cache_mb * 2**20), grace_s=args.grace,
+    )
+    logs.configure(args.log_level)
+    asyncio.run(serve(config))
+    return 0

@@ -22,3 +22,11 @@ class NotFound(ManagerError):
 
 class Aborted(ManagerError):
     """Out-of-order report (ABORTED): the client must resynchronise, retrying cannot help."""
+
+
+class ResourceExhausted(ManagerError):
+    """A limit is reached, e.g. too many open sessions (RESOURCE_EXHAUSTED); retry later."""
+
+
+class StoreUnavailable(ManagerError):
+    """The state store (Redis) cannot be reached or failed (UNAVAILABLE); retrying may help."""

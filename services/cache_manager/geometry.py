@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from kvevict.cache_manager.errors import InvalidArgument
 from kvevict.v1 import cache_manager_pb2 as pb
 
+# Far above any model, low enough that a bogus OpenSession cannot allocate a huge session state.
+LIMITS = {"num_layers": 1024, "num_kv_heads": 1024, "num_query_heads": 16384, "head_dim": 65536}
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -23,6 +26,8 @@ class Geometry:
         for name in ("num_layers", "num_kv_heads", "num_query_heads", "head_dim"):
             if getattr(message, name) <= 0:
                 raise InvalidArgument(f"geometry.{name}", f"must be > 0, got {getattr(message, name)}")
+            if getattr(message, name) > LIMITS[name]:
+                raise InvalidArgument(f"geometry.{name}", f"must be <= {LIMITS[name]}, got {getattr(message, name)}")
         if message.num_query_heads % message.num_kv_heads:
             raise InvalidArgument(
                 "geometry.num_query_heads",

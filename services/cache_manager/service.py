@@ -1,71 +1,99 @@
-"""ManagerCore: the CacheManagerService calls on protobuf messages, without any transport.
+"""The CacheManagerService calls on protobuf messages, without any transport.
 
-The worker's embedded client calls it directly; the gRPC servicer wraps it and maps
-InvalidArgument / NotFound / Aborted (kvevict.cache_manager.errors) to status codes.
+`ManagerCore` is synchronous over a StateStore (the worker's embedded client calls it directly,
+with an InMemoryStateStore); `AsyncManagerCore` is the same over an AsyncStateStore (the gRPC
+server, with Redis). Both only move states in and out of their store: validation and decisions
+are the pure functions of `transitions`, so the two cannot drift apart. The gRPC servicer maps
+the errors of kvevict.cache_manager.errors to status codes.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from kvevict.cache_manager.decision import decide
-from kvevict.cache_manager.errors import Aborted, InvalidArgument, NotFound
+import numpy as np
+
+from kvevict.cache_manager import transitions
 from kvevict.cache_manager.registry import ComponentInfo, describe_policies
-from kvevict.cache_manager.settings import settings_from_request
-from kvevict.cache_manager.state import SessionState, StateStore
-from kvevict.cache_manager.validation import validate_report
+from kvevict.cache_manager.state import AsyncStateStore, StateStore
 from kvevict.v1 import cache_manager_pb2 as pb
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex
 
 
 class ManagerCore:
     """Sessions, reports and decisions over a StateStore; stateless itself, so any replica
     sharing the store can serve any call."""
 
-    def __init__(self, store: StateStore, new_session_id: Callable[[], str] = lambda: uuid.uuid4().hex) -> None:
+    def __init__(self, store: StateStore, new_session_id: Callable[[], str] = new_session_id) -> None:
         self.store = store
         self._new_session_id = new_session_id
 
     def open_session(self, request: pb.OpenSessionRequest) -> pb.OpenSessionResponse:
-        settings = settings_from_request(request)
-        policy = settings.policy()
-        budgets = settings.allocator().initial_budgets(settings.geometry)
-        state = SessionState.new(self._new_session_id(), settings, budgets, policy.accumulates)
-        self.store.put(state)
-        return pb.OpenSessionResponse(
-            session_id=state.session_id,
-            statistics=[req.to_proto() for req in settings.statistics],
-            report_every_block=policy.accumulates,
-            layer_budgets=budgets,
-            statistics_dtype=settings.statistics_dtype,
-        )
-
-    def report_block(self, request: pb.ReportBlockRequest) -> pb.ReportBlockResponse:
-        state = self._state(request.session_id)
-        sequence = request.sequence
-        if sequence == state.last_sequence and state.last_response:
-            # A retry: the stored answer, nothing recomputed, nothing changed.
-            return pb.ReportBlockResponse.FromString(state.last_response)
-        if sequence == 0:
-            raise InvalidArgument("sequence", "starts at 1")
-        if sequence != state.last_sequence + 1:
-            raise Aborted(f"sequence: got {sequence}, expected {state.last_sequence + 1} (or {state.last_sequence} to retry)")
-        report = validate_report(request, state)
-        response, next_state = decide(state, report, sequence)
-        self.store.put(next_state)  # state and answer in one write
+        response, state = transitions.open_session(request, self._new_session_id())
+        self.store.create(state)
         return response
 
+    def adopt_session(self, request: pb.OpenSessionRequest, positions: Sequence[np.ndarray]) -> pb.OpenSessionResponse:
+        """Opens a session over the worker's current cache (fail-open from a remote manager).
+
+        `positions[l]`: layer l's (num_kv_heads, L_l) integer array of cached absolute positions,
+        in cache order. The new session (new id, sequence numbers from 1 again) tracks exactly
+        these tokens; its accumulators start at zero (see transitions.adopt_session).
+        InvalidArgument names the offending field (`positions[3].shape`, `policy.base`...).
+        """
+        response, state = transitions.adopt_session(request, positions, self._new_session_id())
+        self.store.create(state)
+        return response
+
+    def report_block(self, request: pb.ReportBlockRequest) -> pb.ReportBlockResponse:
+        return self.store.update(request.session_id, transitions.report_step(request))
+
     def close_session(self, request: pb.CloseSessionRequest) -> pb.CloseSessionResponse:
-        state = self._state(request.session_id)
-        self.store.delete(state.session_id)
-        return pb.CloseSessionResponse(reports=state.reports, evicted_tokens=state.evicted_tokens)
+        session_id = transitions.check_session_id(request.session_id)
+        return transitions.close_response(transitions.require(self.store.delete(session_id), session_id))
+
+    def get_session(self, request: pb.GetSessionRequest) -> pb.GetSessionResponse:
+        session_id = transitions.check_session_id(request.session_id)
+        return transitions.session_response(transitions.require(self.store.get(session_id), session_id))
+
+    @staticmethod
+    def list_policies(request: pb.ListPoliciesRequest | None = None) -> pb.ListPoliciesResponse:
+        return transitions.policies_response()
 
     @staticmethod
     def describe_policies() -> list[ComponentInfo]:
         return describe_policies()
 
-    def _state(self, session_id: str) -> SessionState:
-        state = self.store.get(session_id)
-        if state is None:
-            raise NotFound(f"session_id: unknown or expired session {session_id!r}")
-        return state
+
+class AsyncManagerCore:
+    """ManagerCore for an asyncio server over an AsyncStateStore (Redis). Decisions run off the
+    event loop (the store runs each report's step in the default executor)."""
+
+    def __init__(self, store: AsyncStateStore, new_session_id: Callable[[], str] = new_session_id) -> None:
+        self.store = store
+        self._new_session_id = new_session_id
+
+    async def open_session(self, request: pb.OpenSessionRequest) -> pb.OpenSessionResponse:
+        response, state = transitions.open_session(request, self._new_session_id())
+        await self.store.create(state)
+        return response
+
+    async def report_block(self, request: pb.ReportBlockRequest) -> pb.ReportBlockResponse:
+        return await self.store.update(request.session_id, transitions.report_step(request))
+
+    async def close_session(self, request: pb.CloseSessionRequest) -> pb.CloseSessionResponse:
+        session_id = transitions.check_session_id(request.session_id)
+        return transitions.close_response(transitions.require(await self.store.delete(session_id), session_id))
+
+    async def get_session(self, request: pb.GetSessionRequest) -> pb.GetSessionResponse:
+        session_id = transitions.check_session_id(request.session_id)
+        return transitions.session_response(transitions.require(await self.store.get(session_id), session_id))
+
+    @staticmethod
+    async def list_policies(request: pb.ListPoliciesRequest | None = None) -> pb.ListPoliciesResponse:
+        return transitions.policies_response()
+

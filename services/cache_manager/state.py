@@ -1,21 +1,32 @@
 """Per-session state and where it lives.
 
 A `SessionState` is immutable: a report builds a new one and stores it (state and the answer in
-one `put`), so a request that fails half-way leaves the stored state untouched and a retried
+one write), so a request that fails half-way leaves the stored state untouched and a retried
 sequence finds the answer it got. Arrays are read-only to enforce it.
+
+Stores update a session by running a pure `Step` (state -> answer and next state) atomically:
+optimistic concurrency, so two replicas racing on one session cannot both write (the loser's
+step runs again on the winner's state). The Redis store is in `redis_store`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import struct
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from kvevict.cache_manager.errors import Aborted, ResourceExhausted
 from kvevict.cache_manager.settings import SessionSettings
+
+R = TypeVar("R")
 
 _MAGIC = b"KVST1"
 _HEADER = struct.Struct("<I")
@@ -68,8 +79,9 @@ class SessionState:
                 changes[name] = tuple(_frozen(a) for a in changes[name])
         return replace(self, **changes)
 
-    def to_bytes(self) -> bytes:
-        """Compact, deterministic encoding: a JSON header, then the raw arrays back to back."""
+    def to_bytes(self, prefix: bytes = b"") -> bytes:
+        """Compact, deterministic encoding: a JSON header, then the raw arrays back to back
+        (after `prefix`, if given: a store's own header, without another copy of the state)."""
         arrays = [(f"positions[{i}]", a) for i, a in enumerate(self.positions)]
         arrays += [(f"accumulators[{i}]", a) for i, a in enumerate(self.accumulators)]
         header = {
@@ -79,27 +91,28 @@ class SessionState:
             "last_response": len(self.last_response),
         }
         head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-        blobs = [np.ascontiguousarray(a).tobytes() for _, a in arrays]
-        return b"".join([_MAGIC, _HEADER.pack(len(head)), head, self.last_response, *blobs])
+        blobs = [np.ascontiguousarray(a).data for _, a in arrays]
+        return b"".join([prefix, _MAGIC, _HEADER.pack(len(head)), head, self.last_response, *blobs])
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> SessionState:
-        if not data.startswith(_MAGIC):
+    def from_bytes(cls, data: bytes | memoryview) -> SessionState:
+        """Decodes to_bytes() output (any bytes-like object); arrays are read-only views of it."""
+        buffer = memoryview(data)
+        if bytes(buffer[: len(_MAGIC)]) != _MAGIC:
             raise ValueError("not a kvevict session state")
         offset = len(_MAGIC)
-        (head_len,) = _HEADER.unpack_from(data, offset)
+        (head_len,) = _HEADER.unpack_from(buffer, offset)
         offset += _HEADER.size
-        header = json.loads(data[offset : offset + head_len])
+        header = json.loads(bytes(buffer[offset : offset + head_len]))
         offset += head_len
-        last_response = bytes(data[offset : offset + header["last_response"]])
+        last_response = bytes(buffer[offset : offset + header["last_response"]])
         offset += header["last_response"]
-        buffer = memoryview(data)
         arrays: dict[str, list[np.ndarray]] = {"positions": [], "accumulators": []}
         for name, dtype, shape in header["arrays"]:
             dt = np.dtype(dtype)
             size = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
             array = np.frombuffer(buffer[offset : offset + size], dtype=dt).reshape(shape)
-            arrays[name.split("[")[0]].append(array)
+            arrays[name.split("[")[0]].append(_frozen(array))
             offset += size
         meta = header["meta"]
         meta["layer_budgets"] = tuple(meta["layer_budgets"])
@@ -112,39 +125,159 @@ class SessionState:
         )
 
 
+@dataclass(frozen=True)
+class Transition(Generic[R]):
+    """What one step of a session returns: the answer, and the state to store (None: store nothing)."""
+
+    result: R
+    state: SessionState | None
+
+
+# A pure read-modify-write of one session: the state as stored (None if there is none) -> what
+# to answer and store. Stores run it atomically: its state is written only if nobody wrote the
+# session in between, else the step runs again on the newer state.
+Step = Callable[[SessionState | None], Transition[R]]
+# Attempts before a store gives up on a session that other writers keep changing.
+MAX_ATTEMPTS = 16
+
+
 class StateStore(Protocol):
-    """Where session states live (in memory when embedded; Redis when replicated)."""
+    """Where session states live, for the sync core (in memory when embedded)."""
 
     def get(self, session_id: str) -> SessionState | None: ...
 
-    def put(self, state: SessionState) -> None:
-        """Stores the whole state (answer included) atomically, replacing any previous one."""
+    def create(self, state: SessionState) -> None:
+        """Stores a new session; ResourceExhausted when the store holds its maximum of sessions."""
         ...
 
-    def delete(self, session_id: str) -> bool:
-        """Removes a session; False if there was none."""
+    def update(self, session_id: str, step: Step[R]) -> R:
+        """Runs `step` on the stored state and stores its new state atomically (see Step)."""
         ...
+
+    def delete(self, session_id: str) -> SessionState | None:
+        """Removes a session and returns its last state; None if there was none."""
+        ...
+
+
+class AsyncStateStore(Protocol):
+    """Where session states live, for the async core (Redis when replicated). Same contract as
+    StateStore; `update` runs the CPU-bound step off the event loop; `ping` raises
+    StoreUnavailable when the store cannot serve."""
+
+    async def get(self, session_id: str) -> SessionState | None: ...
+
+    async def create(self, state: SessionState) -> None: ...
+
+    async def update(self, session_id: str, step: Step[R]) -> R: ...
+
+    async def delete(self, session_id: str) -> SessionState | None: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class InMemoryStateStore:
-    """States kept as objects in a dict; safe because states are never mutated in place."""
+    """States kept as objects in a dict (safe: states are never mutated in place).
 
-    def __init__(self) -> None:
-        self._states: dict[str, SessionState] = {}
+    `update` is optimistic like the Redis store: the step runs outside the lock, and its state is
+    stored only if the session still holds the state the step saw (an identity check under the
+    lock), else the step runs again. Decisions of different sessions thus run in parallel and a
+    slow decision never blocks other sessions. `ttl_s` (None = forever) expires idle sessions,
+    refreshed on every write; `max_sessions` (None = no limit) bounds the live sessions.
+    """
+
+    def __init__(self, ttl_s: float | None = None, max_sessions: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s = ttl_s
+        self.max_sessions = max_sessions
+        self._clock = clock
+        self._states: dict[str, tuple[SessionState, float]] = {}  # id -> (state, deadline)
         self._lock = threading.Lock()
+        self.conflicts = 0  # steps run again because the session changed meanwhile
 
     def get(self, session_id: str) -> SessionState | None:
         with self._lock:
-            return self._states.get(session_id)
+            return self._live(session_id)
 
     def put(self, state: SessionState) -> None:
+        """Stores a state unconditionally, replacing any previous one (no limit applies)."""
         with self._lock:
-            self._states[state.session_id] = state
+            self._states[state.session_id] = (state, self._deadline())
 
-    def delete(self, session_id: str) -> bool:
+    def create(self, state: SessionState) -> None:
         with self._lock:
-            return self._states.pop(session_id, None) is not None
+            if self.max_sessions is not None and state.session_id not in self._states:
+                self._expire()
+                if len(self._states) >= self.max_sessions:
+                    raise ResourceExhausted(f"too many sessions: {len(self._states)} open, limit {self.max_sessions}")
+            self._states[state.session_id] = (state, self._deadline())
+
+    def update(self, session_id: str, step: Step[R]) -> R:
+        for _ in range(MAX_ATTEMPTS):
+            seen = self.get(session_id)
+            transition = step(seen)
+            if transition.state is None:
+                return transition.result
+            assert transition.state.session_id == session_id, "a step must keep its session id"
+            with self._lock:
+                if self._live(session_id) is seen:
+                    self._states[session_id] = (transition.state, self._deadline())
+                    return transition.result
+                self.conflicts += 1
+        raise Aborted(f"session_id: session {session_id!r} is being updated concurrently; retry")
+
+    def delete(self, session_id: str) -> SessionState | None:
+        with self._lock:
+            state = self._live(session_id)
+            self._states.pop(session_id, None)
+            return state
 
     def __len__(self) -> int:
         with self._lock:
+            self._expire()
             return len(self._states)
+
+    def _deadline(self) -> float:
+        return math.inf if self.ttl_s is None else self._clock() + self.ttl_s
+
+    def _live(self, session_id: str) -> SessionState | None:
+        entry = self._states.get(session_id)
+        if entry is None:
+            return None
+        if entry[1] <= self._clock():
+            del self._states[session_id]
+            return None
+        return entry[0]
+
+    def _expire(self) -> None:
+        if self.ttl_s is not None:
+            now = self._clock()
+            for session_id in [k for k, (_, deadline) in self._states.items() if deadline <= now]:
+                del self._states[session_id]
+
+
+class AsyncInMemoryStateStore:
+    """An InMemoryStateStore behind the AsyncStateStore interface (`manager serve --redis-url
+    memory://`): updates run in the default executor, the rest inline (they are dict lookups)."""
+
+    def __init__(self, store: InMemoryStateStore | None = None) -> None:
+        self.store = store if store is not None else InMemoryStateStore()
+
+    async def get(self, session_id: str) -> SessionState | None:
+        return self.store.get(session_id)
+
+    async def create(self, state: SessionState) -> None:
+        self.store.create(state)
+
+    async def update(self, session_id: str, step: Step[R]) -> R:
+        return await asyncio.get_running_loop().run_in_executor(None, self.store.update, session_id, step)
+
+    async def delete(self, session_id: str) -> SessionState | None:
+        return self.store.delete(session_id)
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,238 @@
+"""CacheManagerService over gRPC (grpc.aio): a thin servicer over AsyncManagerCore, health that
+follows the state store, reflection, and a graceful stop on SIGTERM / SIGINT.
+
+Status codes (the servicer's only logic): InvalidArgument -> INVALID_ARGUMENT (details start
+with the field, `layers[3].values[1].dtype: ...`), NotFound -> NOT_FOUND, Aborted -> ABORTED,
+ResourceExhausted (too many sessions) -> RESOURCE_EXHAUSTED, StoreUnavailable (Redis down) ->
+UNAVAILABLE. gRPC itself answers RESOURCE_EXHAUSTED to a message over `max_message_bytes` and
+to calls beyond `max_concurrent_rpcs`.
+
+Health (grpc.health.v1) reports SERVING for "" and "kvevict.v1.CacheManagerService" only while
+the store answers a ping; a probe checks every `probe_interval_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.message import Message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvevict.cache_manager.errors import (
+    Aborted, InvalidArgument, ManagerError, NotFound, ResourceExhausted, StoreUnavailable,
+)
+from kvevict.cache_manager.logs import log_event
+from kvevict.cache_manager.service import AsyncManagerCore
+from kvevict.cache_manager.state import AsyncInMemoryStateStore, AsyncStateStore, InMemoryStateStore
+from kvevict.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, server_options
+from kvevict.v1 import cache_manager_pb2 as pb
+from kvevict.v1 import cache_manager_pb2_grpc as pb_grpc
+
+log = logging.getLogger("kvevict.manager")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CacheManagerService"].full_name
+HEALTH_SERVICES = ("", SERVICE_NAME)
+STATUS_CODES: tuple[tuple[type[ManagerError], grpc.StatusCode], ...] = (
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (Aborted, grpc.StatusCode.ABORTED),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_code(error: ManagerError) -> grpc.StatusCode:
+    """The gRPC status of a domain error (UNKNOWN for a ManagerError of no listed class)."""
+    return next((code for cls, code in STATUS_CODES if isinstance(error, cls)), grpc.StatusCode.UNKNOWN)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `manager serve` is configured with (flags / KVEVICT_* environment variables)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = any free port (logged in the ready line)
+    redis_url: str = "memory://"  # memory:// = in-process state (one replica only)
+    session_ttl_s: int = 3600
+    max_sessions: int = 10_000  # across replicas with Redis; 0 = no limit
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_concurrent_rpcs: int = 256  # beyond: RESOURCE_EXHAUSTED; 0 = no limit
+    redis_timeout_s: float = 2.0
+    state_cache_bytes: int = 256 * 2**20  # per replica, of states last read or written (Redis only)
+    probe_interval_s: float = 1.0
+    grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("session_ttl_s", "max_message_bytes", "redis_timeout_s", "probe_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("port", "max_sessions", "max_concurrent_rpcs", "grace_s", "state_cache_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.redis_url == "memory://" or self.redis_url.startswith(("redis://", "rediss://", "unix://"))):
+            raise ValueError(f"redis URL must be memory://, redis://, rediss:// or unix://, got {self.redis_url!r}")
+
+    @property
+    def in_memory(self) -> bool:
+        return self.redis_url == "memory://"
+
+
+def make_store(config: ServerConfig) -> AsyncStateStore:
+    if config.in_memory:
+        return AsyncInMemoryStateStore(InMemoryStateStore(ttl_s=config.session_ttl_s, max_sessions=config.max_sessions or None))
+    from kvevict.cache_manager.redis_store import RedisStateStore
+
+    return RedisStateStore.from_url(config.redis_url, timeout_s=config.redis_timeout_s,
+                                    ttl_s=config.session_ttl_s, max_sessions=config.max_sessions,
+                                    cache_bytes=config.state_cache_bytes)
+
+
+class CacheManagerServicer(pb_grpc.CacheManagerServiceServicer):
+    """Decode (grpc did), call the domain, encode; domain errors become status codes."""
+
+    def __init__(self, core: AsyncManagerCore) -> None:
+        self.core = core
+
+    async def OpenSession(self, request: pb.OpenSessionRequest, context) -> pb.OpenSessionResponse:
+        response = await self._call("OpenSession", self.core.open_session, request, context)
+        log_event(log, logging.INFO, "session.open", session=response.session_id, base=request.policy.base,
+                  wrapper=request.policy.wrapper or "none", budget=request.budget.tokens)
+        return response
+
+    async def ReportBlock(self, request: pb.ReportBlockRequest, context) -> pb.ReportBlockResponse:
+        return await self._call("ReportBlock", self.core.report_block, request, context)
+
+    async def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.CloseSessionResponse:
+        response = await self._call("CloseSession", self.core.close_session, request, context)
+        log_event(log, logging.INFO, "session.close", session=request.session_id, reports=response.reports,
+                  evicted_tokens=response.evicted_tokens)
+        return response
+
+    async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.GetSessionResponse:
+        return await self._call("GetSession", self.core.get_session, request, context)
+
+    async def ListPolicies(self, request: pb.ListPoliciesRequest, context) -> pb.ListPoliciesResponse:
+        return await self._call("ListPolicies", self.core.list_policies, request, context)
+
+    async def _call(self, method: str, handler: Callable[[Message], Awaitable[Message]], request: Message, context):
+        started = time.perf_counter()
+        try:
+            response = await handler(request)
+        except ManagerError as error:
+            code = status_code(error)
+            log_event(log, logging.WARNING if code == grpc.StatusCode.UNAVAILABLE else logging.INFO, "rpc.error",
+                      method=method, code=code.name, session=getattr(request, "session_id", None), error=str(error))
+            await context.abort(code, str(error))
+        except Exception:
+            log.exception("%s", f"event=rpc.internal method={method}")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+        if log.isEnabledFor(logging.DEBUG):
+            log_event(log, logging.DEBUG, "rpc.ok", method=method, session=getattr(request, "session_id", None),
+                      ms=f"{(time.perf_counter() - started) * 1e3:.2f}", request_bytes=request.ByteSize())
+        return response
+
+
+class ReadinessProbe:
+    """Pings the store every `interval_s`; health is SERVING exactly while it answers."""
+
+    def __init__(self, store: AsyncStateStore, health_servicer, interval_s: float, timeout_s: float) -> None:
+        self.store = store
+        self.health = health_servicer
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.serving: bool | None = None
+
+    async def check(self) -> bool:
+        try:
+            await asyncio.wait_for(self.store.ping(), self.timeout_s)
+            ok = True
+        except Exception as error:  # any failure to answer means not ready
+            ok, reason = False, f"{type(error).__name__}: {error}"
+        if ok != self.serving:
+            status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            for service in HEALTH_SERVICES:
+                await self.health.set(service, status)
+            level = logging.INFO if ok else logging.WARNING
+            log_event(log, level, "health", status=health_pb2.HealthCheckResponse.ServingStatus.Name(status),
+                      reason=None if ok else reason)
+            self.serving = ok
+        return ok
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.check()
+
+
+class ManagerServer:
+    """The running server: `start()` binds and returns the port, `stop()` drains and closes."""
+
+    def __init__(self, config: ServerConfig, store: AsyncStateStore | None = None) -> None:
+        self.config = config
+        self.store = store or make_store(config)
+        self.core = AsyncManagerCore(self.store)
+        self.health = health.aio.HealthServicer()
+        self.probe = ReadinessProbe(self.store, self.health, config.probe_interval_s,
+                                    timeout_s=min(config.probe_interval_s, config.redis_timeout_s))
+        # No SO_REUSEPORT: a port already taken is an error, not a second, silent listener.
+        self.server = grpc.aio.server(options=[*server_options(config.max_message_bytes), ("grpc.so_reuseport", 0)],
+                                      maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
+        pb_grpc.add_CacheManagerServiceServicer_to_server(CacheManagerServicer(self.core), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        self.port = 0
+        self._probe_task: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as error:
+            raise OSError(f"cannot listen on {address}: {error}") from error
+        if not self.port:
+            raise OSError(f"cannot listen on {address}")
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.probe.check()  # health is right from the first call; a down store does not block startup
+        self._probe_task = asyncio.create_task(self.probe.run())
+        await self.server.start()
+        return self.port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, stop accepting calls, let running ones finish for `grace_s`, close the store."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.grace_s if grace_s is None else grace_s)
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            await asyncio.gather(self._probe_task, return_exceptions=True)
+        await self.store.close()
+
+
+async def serve(config: ServerConfig) -> None:
+    """Runs until SIGTERM or SIGINT, then stops gracefully. Logs `event=manager.ready ... port=N`."""
+    from kvevict.cache_manager.redis_store import redact
+
+    server = ManagerServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    port = await server.start()
+    log_event(log, logging.INFO, "manager.ready", host=config.host, port=port,
+              store="memory" if config.in_memory else redact(config.redis_url), session_ttl_s=config.session_ttl_s,
+              max_sessions=config.max_sessions, max_message_bytes=config.max_message_bytes,
+              serving=server.probe.serving)
+    await stop.wait()
+    log_event(log, logging.INFO, "manager.stopping", grace_s=config.grace_s)
+    await server.stop()
+    log_event(log, logging.INFO, "manager.stopped")

@@ -1,0 +1,164 @@
+"""The manager's calls as pure functions of (request, stored state) -> (answer, state to store).
+
+Both cores (`ManagerCore`, sync over an in-memory store; `AsyncManagerCore`, async over Redis)
+call these and only move states in and out of their store, so the validation and decision code
+exists once. A store runs `report_step(request)` inside its atomic read-modify-write: the step
+sees the state as stored, and what it returns is written only if nobody wrote in between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from kvevict.cache_manager.decision import decide
+from kvevict.cache_manager.errors import Aborted, InvalidArgument, NotFound
+from kvevict.cache_manager.policies import make_base
+from kvevict.cache_manager.registry import describe_policies
+from kvevict.cache_manager.settings import SessionSettings, settings_from_request
+from kvevict.cache_manager.state import SessionState, Step, Transition
+from kvevict.cache_manager.validation import MAX_POSITION, validate_report
+from kvevict.v1 import cache_manager_pb2 as pb
+
+# Session ids are 32 hex digits; anything longer is not one of ours (and would make a large key).
+MAX_SESSION_ID = 128
+
+
+def check_session_id(session_id: str) -> str:
+    """InvalidArgument for ids that cannot be a session's; unknown well-formed ids are NotFound later."""
+    if not session_id:
+        raise InvalidArgument("session_id", "missing")
+    if len(session_id) > MAX_SESSION_ID:
+        raise InvalidArgument("session_id", f"longer than {MAX_SESSION_ID} characters")
+    return session_id
+
+
+def require(state: SessionState | None, session_id: str) -> SessionState:
+    if state is None:
+        raise NotFound(f"session_id: unknown or expired session {session_id!r}")
+    return state
+
+
+def open_session(request: pb.OpenSessionRequest, session_id: str) -> tuple[pb.OpenSessionResponse, SessionState]:
+    """Validates an OpenSessionRequest and builds the new session's state and answer."""
+    settings = settings_from_request(request)
+    policy = settings.policy()
+    budgets = settings.allocator().initial_budgets(settings.geometry)
+    state = SessionState.new(session_id, settings, budgets, policy.accumulates)
+    return _opened(state, policy.accumulates), state
+
+
+def adopt_session(
+    request: pb.OpenSessionRequest, positions: Sequence[np.ndarray], session_id: str
+) -> tuple[pb.OpenSessionResponse, SessionState]:
+    """A new session that starts from a worker's existing cache instead of an empty one.
+
+    `positions[l]` is layer l's (num_kv_heads, L_l) integer array of the absolute positions the
+    worker caches, each head's row in cache order (strictly increasing). The session's last
+    position is their maximum, its sequence numbers start again at 1, and accumulators (H2O)
+    start at zero for every cached token: an approximation, since the scores they had
+    accumulated at the remote manager are lost. Everything else is as after OpenSession.
+    """
+    response, state = open_session(request, session_id)
+    geometry = state.settings.geometry
+    if len(positions) != geometry.num_layers:
+        raise InvalidArgument("positions", f"expected {geometry.num_layers} layers, got {len(positions)}")
+    adopted = [_adopted_layer(np.asarray(p), i, geometry.num_kv_heads) for i, p in enumerate(positions)]
+    last = max((int(p[:, -1].max()) for p in adopted if p.size), default=-1)
+    accumulators = [np.zeros(p.shape, np.float32) for p in adopted] if state.accumulators else []
+    return response, state.evolve(positions=adopted, accumulators=accumulators, last_position=last)
+
+
+def _adopted_layer(positions: np.ndarray, layer: int, heads: int) -> np.ndarray:
+    field = f"positions[{layer}]"
+    if positions.dtype.kind not in "iu":
+        raise InvalidArgument(f"{field}.dtype", f"must be an integer array, got {positions.dtype}")
+    if positions.ndim != 2 or positions.shape[0] != heads:
+        raise InvalidArgument(f"{field}.shape", f"must be ({heads}, cache_length), got {list(positions.shape)}")
+    if positions.size:
+        low, high = int(positions.min()), int(positions.max())
+        if low < 0 or high > MAX_POSITION:
+            raise InvalidArgument(field, f"positions must lie in [0, {MAX_POSITION}], got [{low}, {high}]")
+        if positions.shape[1] > 1 and not (np.diff(positions, axis=1) > 0).all():
+            raise InvalidArgument(field, "each head's positions must be strictly increasing (cache order)")
+    return positions.astype(np.int32)  # a copy: the worker keeps its array
+
+
+def _opened(state: SessionState, accumulates: bool) -> pb.OpenSessionResponse:
+    settings = state.settings
+    return pb.OpenSessionResponse(
+        session_id=state.session_id,
+        statistics=[req.to_proto() for req in settings.statistics],
+        report_every_block=accumulates,
+        layer_budgets=state.layer_budgets,
+        statistics_dtype=settings.statistics_dtype,
+    )
+
+
+def report_step(request: pb.ReportBlockRequest) -> Step[pb.ReportBlockResponse]:
+    """The read-modify-write of one report. A retried sequence number answers the stored decision
+    and stores nothing; an out-of-order one is Aborted; a malformed report InvalidArgument."""
+    session_id = check_session_id(request.session_id)
+
+    def step(stored: SessionState | None) -> Transition[pb.ReportBlockResponse]:
+        state = require(stored, session_id)
+        sequence = request.sequence
+        if sequence == state.last_sequence and state.last_response:
+            # A retry: the stored answer, nothing recomputed, nothing changed.
+            return Transition(pb.ReportBlockResponse.FromString(state.last_response), None)
+        if sequence == 0:
+            raise InvalidArgument("sequence", "starts at 1")
+        if sequence != state.last_sequence + 1:
+            raise Aborted(f"sequence: got {sequence}, expected {state.last_sequence + 1} (or {state.last_sequence} to retry)")
+        report = validate_report(request, state)
+        response, next_state = decide(state, report, sequence)
+        return Transition(response, next_state)  # state and answer in one write
+
+    return step
+
+
+def close_response(state: SessionState) -> pb.CloseSessionResponse:
+    return pb.CloseSessionResponse(reports=state.reports, evicted_tokens=state.evicted_tokens)
+
+
+def session_response(state: SessionState) -> pb.GetSessionResponse:
+    """GetSession's answer: settings (defaults resolved), counters, budgets and tracked lengths."""
+    settings = state.settings
+    geometry = settings.geometry
+    return pb.GetSessionResponse(
+        session_id=state.session_id,
+        geometry=pb.ModelGeometry(
+            num_layers=geometry.num_layers, num_kv_heads=geometry.num_kv_heads,
+            num_query_heads=geometry.num_query_heads, head_dim=geometry.head_dim,
+        ),
+        policy=_policy_spec(settings),
+        budget=pb.BudgetSpec(tokens=settings.budget_tokens, allocator=settings.allocator_name),
+        block_size=settings.block_size,
+        reports=state.reports,
+        last_sequence=state.last_sequence,
+        evicted_tokens=state.evicted_tokens,
+        layer_budgets=state.layer_budgets,
+        cache_lengths=state.cache_lengths,
+    )
+
+
+def _policy_spec(settings: SessionSettings) -> pb.PolicySpec:
+    options = make_base(settings.base, window=settings.window, pool_kernel=settings.pool_kernel, seed=settings.seed).options()
+    return pb.PolicySpec(
+        base=settings.base, wrapper=settings.wrapper, sink_tokens=settings.sink, recent_tokens=settings.recent,
+        window=options.get("window", settings.window), pool_kernel=options.get("pool_kernel", settings.pool_kernel),
+        seed=settings.seed,
+    )
+
+
+def policies_response() -> pb.ListPoliciesResponse:
+    """describe_policies() as ListPoliciesResponse."""
+    return pb.ListPoliciesResponse(policies=[
+        pb.PolicyInfo(
+            kind=info.kind, name=info.name, description=info.description, statistics=info.statistics,
+            accumulates=info.accumulates,
+            options=[pb.PolicyOption(name=o.name, default_value=o.default, description=o.description) for o in info.options],
+        )
+        for info in describe_policies()
+    ])

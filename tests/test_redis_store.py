@@ -1,0 +1,177 @@
+"""RedisStateStore against a real redis-server: the optimistic transaction (a write between read
+and commit makes the step run again on the new state, so one decision is stored), the TTL set
+on create and refreshed on every write, the session limit shared by replicas, and Redis errors
+as StoreUnavailable."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kvevict.cache_manager.errors import NotFound, ResourceExhausted, StoreUnavailable
+from kvevict.cache_manager.redis_store import RedisStateStore, redact
+from kvevict.cache_manager.state import SessionState
+from kvevict.cache_manager.transitions import open_session, report_step
+from tests.test_manager_support import open_request, start
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def new_state(session_id: str = "s1", **options) -> SessionState:
+    return open_session(open_request("h2o", "caote", budget=12, sink=1, **options), session_id)[1]
+
+
+def two_reports(session_id: str):
+    """Two different reports with sequence number 1 for a session opened by new_state()."""
+    driver = start(open_request("h2o", "caote", budget=12, sink=1), seed=1)
+    first, _ = driver.build(16)
+    second, _ = driver.build(16)
+    first.session_id = second.session_id = session_id
+    return first, second
+
+
+def test_a_write_between_read_and_commit_makes_the_step_run_again(redis_server) -> None:
+    state = new_state()
+    first, second = two_reports("s1")
+    competitor = report_step(second)(state)  # another replica decides `second` meanwhile
+
+    async def scenario():
+        store = RedisStateStore.from_url(redis_server.url)
+        await store.create(state)
+        mine = report_step(first)
+        seen: list[int] = []
+
+        def step(stored):
+            seen.append(stored.last_sequence)
+            if len(seen) == 1:
+                with redis_server.client() as client:  # the competitor commits first
+                    client.set(store.key("s1"), store.encode(competitor.state))
+            return mine(stored)
+
+        answer = await store.update("s1", step)
+        stored = await store.get("s1")
+        await store.close()
+        return answer, stored, seen, store.conflicts, store.cache
+
+    answer, stored, seen, conflicts, cache = run(scenario())
+    assert seen == [0, 1] and conflicts == 1  # ran on the old state, lost, ran on the new one
+    # Its own state came from the cache; the competitor's was read once, then served from the cache.
+    assert (cache.hits, cache.misses) == (2, 1)
+    assert answer.SerializeToString() == competitor.result.SerializeToString()  # the stored decision
+    assert stored.to_bytes() == competitor.state.to_bytes()
+
+
+def test_ttl_is_set_on_create_refreshed_by_writes_only_and_expiry_is_not_found(redis_server) -> None:
+    first, second = two_reports("s1")
+    second.sequence = 2
+    with redis_server.client() as client:
+
+        async def scenario():
+            store = RedisStateStore.from_url(redis_server.url, ttl_s=50)
+            await store.create(new_state())
+            assert 0 < client.pttl(store.key("s1")) <= 50_000
+            client.pexpire(store.key("s1"), 5_000)
+            await store.update("s1", report_step(first))
+            assert 45_000 < client.pttl(store.key("s1")) <= 50_000  # refreshed with the write
+            client.pexpire(store.key("s1"), 5_000)
+            await store.update("s1", report_step(first))  # a retry writes nothing
+            await store.get("s1")
+            assert client.pttl(store.key("s1")) <= 5_000
+            client.pexpire(store.key("s1"), 1)  # expire it now
+            await asyncio.sleep(0.01)
+            with pytest.raises(NotFound):
+                await store.update("s1", report_step(second))
+            assert await store.get("s1") is None
+            await store.close()
+
+        run(scenario())
+
+
+def test_the_session_limit_is_shared_by_replicas_and_freed_by_close_and_expiry(redis_server) -> None:
+    async def scenario():
+        one = RedisStateStore.from_url(redis_server.url, max_sessions=2)
+        two = RedisStateStore.from_url(redis_server.url, max_sessions=2)
+        await one.create(new_state("a"))
+        await two.create(new_state("b"))
+        with pytest.raises(ResourceExhausted, match="too many sessions"):
+            await one.create(new_state("c"))
+        assert await two.count() == 2
+        deleted = await two.delete("a")
+        assert deleted.session_id == "a" and await one.delete("a") is None
+        await one.create(new_state("c"))
+        with redis_server.client() as client:
+            client.pexpire(one.key("b"), 1)
+            client.zadd(one.index_key, {"b": 0})  # its index entry expired with it
+        await two.create(new_state("d"))
+        assert await one.count() == 2
+        await one.close()
+        await two.close()
+
+    run(scenario())
+
+
+def test_redis_down_is_store_unavailable(redis_server) -> None:
+    first, _ = two_reports("s1")
+
+    async def scenario():
+        store = RedisStateStore.from_url(redis_server.url, timeout_s=0.5)
+        await store.create(new_state())
+        redis_server.stop()
+        for call in (store.ping(), store.get("s1"), store.create(new_state("x")), store.delete("s1"),
+                     store.update("s1", report_step(first))):
+            with pytest.raises(StoreUnavailable, match="^redis "):
+                await call
+        redis_server.start()  # no snapshot: an empty Redis
+        await store.ping()
+        with pytest.raises(NotFound):
+            await store.update("s1", report_step(first))
+        await store.close()
+
+    run(scenario())
+
+
+def test_redact_hides_the_password() -> None:
+    assert redact("redis://user:secret@db:6380/1") == "redis://user:***@db:6380/1"
+    assert redact("redis://db:6379/0") == "redis://db:6379/0"
+
+
+def test_a_cached_state_is_used_only_while_it_is_the_stored_version(redis_server) -> None:
+    """A replica's cached state for sequence 1 is not reused when Redis holds another state with
+    the same sequence number (e.g. a Redis restored from an older snapshot, then reported to)."""
+    first, second = two_reports("s1")
+    other = report_step(second)(new_state())
+
+    async def scenario():
+        store = RedisStateStore.from_url(redis_server.url)
+        await store.create(new_state())
+        await store.update("s1", report_step(first))
+        mine = await store.get("s1")
+        assert store.cache.hits == 2  # the update and the read used the cached states
+        with redis_server.client() as client:
+            client.set(store.key("s1"), store.encode(other.state), keepttl=True)
+        seen = await store.get("s1")
+        assert seen.last_sequence == mine.last_sequence == 1
+        assert seen.to_bytes() == other.state.to_bytes() != mine.to_bytes()
+        third, _ = two_reports("s1")
+        third.sequence = 1
+        assert (await store.update("s1", report_step(third))).SerializeToString() == other.result.SerializeToString()
+        await store.close()
+
+    run(scenario())
+
+
+def test_the_state_cache_is_a_bounded_lru() -> None:
+    from kvevict.cache_manager.redis_store import StateCache
+
+    cache = StateCache(max_bytes=100)
+    states = {name: new_state(name) for name in "abcd"}
+    for name in "abc":
+        cache.put(name, b"v", states[name], 40)  # c evicts a
+    assert cache.get("a", b"v") is None and cache.get("b", b"v") is states["b"]
+    cache.put("d", b"v", states["d"], 40)  # evicts c, the least recently used
+    assert cache.get("c", b"v") is None and cache.get("b", b"w") is None  # another version: a miss
+    cache.put("big", b"v", states["a"], 101)  # larger than the cache: not kept
+    assert cache.get("big", b"v") is None and cache.bytes == 80
