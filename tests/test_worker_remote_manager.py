@@ -125,8 +125,12 @@ def test_an_unreachable_manager_at_open_fails_open_or_fails_the_request():
 def test_a_manager_lost_mid_generation_fails_the_request_when_fail_open_is_off(serve):
     address, server = serve(FlakyManager())
     client = RemoteManagerClient(address, timeout_s=1, retries=1, backoff_s=0.01)
+
+    def stop_manager(token: int) -> None:
+        server.stop(0)
+
     with pytest.raises(ManagerUnavailable):
-        _generate(client, _settings(fail_open=False), on_token=lambda token: server.stop(0))
+        _generate(client, _settings(fail_open=False), on_token=stop_manager)
 
 
 def test_invalid_settings_come_back_as_invalid_argument_naming_the_field(serve):

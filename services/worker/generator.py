@@ -68,11 +68,12 @@ class EvictingGenerator:
         sampling: SamplingConfig = SamplingConfig(),
         eos_token_ids: set[int] | None = None,
         on_prefill_block: Callable[[int], None] | None = None,
-        on_token: Callable[[int], None] | None = None,
+        on_token: Callable[[int], bool | None] | None = None,
         observer: ForwardObserver | None = None,
         keep_logits: bool = False,
     ) -> GenerationResult:
-        """Prefills the prompt, then samples up to `max_new_tokens`, stopping at an EOS token."""
+        """Prefills the prompt, then samples up to `max_new_tokens`, stopping at an EOS token or
+        after a token for which `on_token` returns True (e.g. a stop string completed)."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
@@ -90,8 +91,8 @@ class EvictingGenerator:
                     kept_logits.append(logits.float().cpu())
                 token = sampler(logits)
                 generated.append(token)
-                if on_token is not None:
-                    on_token(token)
+                if on_token is not None and on_token(token):
+                    break
                 if eos_token_ids and token in eos_token_ids:
                     break
                 if len(generated) == max_new_tokens:

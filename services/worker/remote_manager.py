@@ -17,7 +17,7 @@ from typing import Callable
 import grpc
 from google.protobuf.message import Message
 
-from kvevict.cache_manager.errors import Aborted, InvalidArgument, ManagerError, NotFound
+from kvevict.cache_manager.errors import Aborted, InvalidArgument, ManagerError, NotFound, ResourceExhausted
 from kvevict.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import cache_manager_pb2_grpc as pb_grpc
@@ -84,4 +84,6 @@ def _domain_error(code: grpc.StatusCode, details: str) -> ManagerError:
         return NotFound(details)
     if code == grpc.StatusCode.ABORTED:
         return Aborted(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(details)
     return ManagerError(f"{code.name}: {details}")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from kvevict.worker.generator import EvictionSummary
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only attributes are read: clients format a summary without importing torch
+    from kvevict.worker.generator import EvictionSummary
 
 
 def _mib(num_bytes: int) -> str:

@@ -1,0 +1,93 @@
+"""Flags shared by `kvevict generate`, `kvevict worker serve` and `kvevict client ...`, and the
+protobuf specs built from them (one definition of every eviction and sampling flag)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import TypeVar
+
+from kvevict.v1 import cache_manager_pb2 as pb
+from kvevict.v1 import tensor_pb2
+
+WRAPPERS = ("none", "caote", "fastcaote")
+DTYPES = ("float32", "bfloat16", "float16")
+STATISTICS_DTYPES = {"float16": tensor_pb2.DTYPE_FLOAT16, "float32": tensor_pb2.DTYPE_FLOAT32}
+T = TypeVar("T")
+
+
+def add_eviction_flags(parser: argparse.ArgumentParser) -> None:
+    """Policy, wrapper, budget, allocator, block size and the policy's options."""
+    parser.add_argument("--policy", default="tova", help="base policy (see `kvevict policies`)")
+    parser.add_argument("--wrapper", default="none", choices=WRAPPERS, help="score wrapper")
+    parser.add_argument("--budget", type=int, default=512, help="tokens kept per KV head per layer")
+    parser.add_argument("--allocator", default="uniform", help="per-layer budget allocator")
+    parser.add_argument("--block-size", type=int, default=128, help="tokens per prefill block / decode report")
+    parser.add_argument("--sink", type=int, default=None, help="first tokens never evicted (policy default)")
+    parser.add_argument("--recent", type=int, default=None, help="recent tokens never evicted (policy default)")
+    parser.add_argument("--window", type=int, default=0, help="observation window (snapkv; 0 = default)")
+    parser.add_argument("--pool-kernel", type=int, default=0, help="pooling kernel (snapkv; 0 = default)")
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 64,
+                       max_new_tokens_help: str | None = None) -> None:
+    """Tokens to generate, temperature, top-p and the seed (of sampling and of the random policy)."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=max_new_tokens_help)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of sampling and of the random policy")
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    """Where and how the model runs: device, dtype, statistics dtype, CPU threads."""
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--statistics-dtype", default="float16", choices=tuple(STATISTICS_DTYPES),
+                        help="element type of the statistics sent to the manager")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 on <= 2 cores)")
+
+
+def policy_spec(args: argparse.Namespace) -> pb.PolicySpec:
+    """The PolicySpec of the eviction flags; ValueError names a negative flag."""
+    spec = pb.PolicySpec(base=args.policy, wrapper=args.wrapper, window=args.window,
+                         pool_kernel=args.pool_kernel, seed=getattr(args, "seed", 0))
+    for flag, field in ((args.sink, "sink_tokens"), (args.recent, "recent_tokens")):
+        if flag is not None:
+            if flag < 0:
+                raise ValueError(f"--{field.split('_')[0]} must be >= 0, got {flag}")
+            setattr(spec, field, flag)
+    for name in ("budget", "block_size", "max_new_tokens", "window", "pool_kernel"):
+        value = getattr(args, name, 0)
+        if value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    return spec
+
+
+def budget_spec(args: argparse.Namespace) -> pb.BudgetSpec:
+    return pb.BudgetSpec(tokens=args.budget, allocator=args.allocator)
+
+
+def statistics_dtype(args: argparse.Namespace) -> int:
+    return STATISTICS_DTYPES[args.statistics_dtype]
+
+
+def policy_label(args: argparse.Namespace) -> str:
+    """e.g. `caote+tova, budget 512 (uniform), block 128` (the summary's title)."""
+    wrapper = "" if args.wrapper == "none" else f"{args.wrapper}+"
+    return f"{wrapper}{args.policy}, budget {args.budget} ({args.allocator}), block {args.block_size}"
+
+
+def env_default(name: str, default: T) -> str | T:
+    """The environment variable `name`, else `default`: a flag default that argparse converts
+    with the flag's `type` (argparse parses string defaults), so a bad value is a usage error."""
+    return os.environ.get(name) or default
+
+
+def env_flag(raw: str) -> bool:
+    """true/false, 1/0, yes/no, on/off."""
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")

@@ -1,0 +1,150 @@
+"""`kvevict client generate` / `kvevict client score`: WorkerService from the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from kvevict import wire
+from kvevict.cli_options import budget_spec, policy_label, policy_spec
+from kvevict.grpc_options import channel_options
+from kvevict.v1 import worker_pb2, worker_pb2_grpc
+from kvevict.worker.summary import format_summary as format_generator_summary
+
+
+def eviction_options(args: argparse.Namespace) -> worker_pb2.EvictionOptions:
+    return worker_pb2.EvictionOptions(policy=policy_spec(args), budget=budget_spec(args), block_size=args.block_size)
+
+
+def parse_token_ids(text: str) -> list[int]:
+    """`1,2,3` or `1 2 3`."""
+    try:
+        return [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"--token-ids must be integers separated by commas or spaces, got {text!r}") from None
+
+
+def read_chat(path: Path) -> worker_pb2.ChatPrompt:
+    """A JSON list of {"role", "content"} objects, or an object with such a list under "messages"."""
+    data = json.loads(path.read_text())
+    messages = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ValueError(f"{path}: expected a JSON list of {{\"role\", \"content\"}} objects")
+    return worker_pb2.ChatPrompt(messages=[worker_pb2.ChatMessage(role=str(m.get("role", "")),
+                                                                  content=str(m.get("content", "")))
+                                           for m in messages])
+
+
+def generate_request(args: argparse.Namespace) -> worker_pb2.GenerateRequest:
+    request = worker_pb2.GenerateRequest(
+        eviction=eviction_options(args),
+        sampling=worker_pb2.SamplingOptions(temperature=args.temperature, top_p=args.top_p, seed=args.seed),
+        max_new_tokens=args.max_new_tokens, stop=args.stop or [])
+    if args.token_ids is not None:
+        request.token_ids.ids.extend(parse_token_ids(args.token_ids))
+    elif args.chat is not None:
+        request.chat.CopyFrom(read_chat(args.chat))
+    else:
+        request.text = args.prompt if args.prompt is not None else args.prompt_file.read_text()
+    return request
+
+
+@dataclass
+class WireSummary:
+    """The EvictionSummary of the wire, with the attributes of the generator's summary (what
+    kvevict.worker.summary.format_summary reads), without importing torch in the client."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    evicted_per_layer: list[int]
+    final_lengths: list[int]
+    peak_lengths: list[int]
+    layer_budgets: list[int]
+    kv_bytes: int
+    full_cache_bytes: int
+    peak_kv_bytes: int
+    reports: int
+    report_bytes: int
+    manager_seconds: float
+    prefill_seconds: float
+    decode_seconds: float
+    manager_fallback: bool
+
+    @classmethod
+    def from_proto(cls, message: worker_pb2.EvictionSummary) -> WireSummary:
+        return cls(**{f.name: list(v) if isinstance(v := getattr(message, f.name), Iterable) else v
+                      for f in fields(cls)})
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.generated_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+
+def format_summary(message: worker_pb2.EvictionSummary, policy: str) -> str:
+    """The table of `kvevict generate`, plus a line when the worker failed open."""
+    text = format_generator_summary(WireSummary.from_proto(message), policy=policy)
+    if message.manager_fallback:
+        text += "\nmanager: unreachable, decided in-process by the worker (fail-open)"
+    return text
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    request = generate_request(args)
+    with grpc.insecure_channel(args.worker, options=channel_options()) as channel:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        final = None
+        try:
+            for response in stub.Generate(request, timeout=args.timeout):
+                if response.text:
+                    sys.stdout.write(response.text)
+                    sys.stdout.flush()
+                if response.HasField("summary"):
+                    final = response
+        except grpc.RpcError as error:
+            return _rpc_failed(error)
+    if final is None:
+        print("kvevict: error: the stream ended without a summary", file=sys.stderr)
+        return 1
+    print()
+    print()
+    print(f"finish reason: {worker_pb2.FinishReason.Name(final.finish_reason).removeprefix('FINISH_REASON_').lower()}")
+    print(format_summary(final.summary, policy=policy_label(args)))
+    return 0
+
+
+def run_score(args: argparse.Namespace) -> int:
+    request = worker_pb2.ScoreRequest(eviction=eviction_options(args))
+    if args.token_ids is not None:
+        request.token_ids.ids.extend(parse_token_ids(args.token_ids))
+    else:
+        request.text = args.text if args.text is not None else args.file.read_text()
+    with grpc.insecure_channel(args.worker, options=channel_options()) as channel:
+        try:
+            response = worker_pb2_grpc.WorkerServiceStub(channel).Score(request, timeout=args.timeout)
+        except grpc.RpcError as error:
+            return _rpc_failed(error)
+    logprobs = wire.decode(response.token_logprobs, "token_logprobs")
+    print(f"tokens scored: {response.scored_tokens}")
+    print(f"total log-prob: {response.total_logprob:.4f} nats "
+          f"(mean {response.total_logprob / max(1, response.scored_tokens):.4f}, "
+          f"min {float(np.min(logprobs)) if logprobs.size else float('nan'):.4f})")
+    print(f"perplexity: {response.perplexity:.4f}")
+    print()
+    print(format_summary(response.summary, policy=policy_label(args)))
+    return 0
+
+
+def _rpc_failed(error: grpc.RpcError) -> int:
+    print(f"\nkvevict: error: {error.code().name}: {error.details()}", file=sys.stderr)
+    return 2 if error.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
