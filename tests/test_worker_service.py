@@ -286,7 +286,7 @@ def test_cancelled_generation_stops_and_closes_its_session_and_the_worker_goes_o
 
 
 def test_concurrent_generations_equal_sequential_ones(worker):
-    from kvevict.worker.client import WireSummary
+    from kvevict.worker.summary import EvictionSummary
 
     requests = [dict(text=TEXT[i * 7:] + TEXT, eviction=EVICTING, max_new_tokens=12,
                      sampling=SAMPLED if i % 2 else GREEDY) for i in range(4)]
@@ -295,7 +295,7 @@ def test_concurrent_generations_equal_sequential_ones(worker):
         concurrent = list(pool.map(lambda r: generate(worker.stub, **r), requests))
     for one, other in zip(sequential, concurrent):
         assert (one.token_ids, one.text) == (other.token_ids, other.text)
-        assert_same_summary(one.final.summary, WireSummary.from_proto(other.final.summary))
+        assert_same_summary(one.final.summary, EvictionSummary.from_proto(other.final.summary))
 
 
 def test_requests_beyond_the_queue_are_refused_resource_exhausted(worker):

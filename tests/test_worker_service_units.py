@@ -13,8 +13,7 @@ from transformers import AutoTokenizer
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import worker_pb2
 from kvevict.worker import prompts
-from kvevict.worker.client import WireSummary
-from kvevict.worker.generator import EvictionSummary
+from kvevict.worker.summary import EvictionSummary
 from kvevict.worker.prompts import ErrorKind, EvictionDefaults, Limits, RequestError
 from kvevict.worker.scheduler import ModelScheduler, QueueFull
 from kvevict.worker.server import summary_to_proto
@@ -188,12 +187,11 @@ def test_sampling_and_eviction_are_validated():
 def test_the_wire_summary_carries_every_field_of_the_generators_summary():
     names = [f.name for f in dataclasses.fields(EvictionSummary)]
     assert set(names) <= set(worker_pb2.EvictionSummary.DESCRIPTOR.fields_by_name)
-    assert names == [f.name for f in dataclasses.fields(WireSummary)]
     summary = EvictionSummary(prompt_tokens=5, generated_tokens=3, evicted_per_layer=[1, 2], final_lengths=[7, 6],
                               peak_lengths=[8, 8], layer_budgets=[6, 6], kv_bytes=100, full_cache_bytes=200,
                               peak_kv_bytes=150, reports=2, report_bytes=64, manager_seconds=0.5,
                               prefill_seconds=0.25, decode_seconds=0.125, manager_fallback=True)
-    back = WireSummary.from_proto(worker_pb2.EvictionSummary.FromString(summary_to_proto(summary).SerializeToString()))
+    back = EvictionSummary.from_proto(worker_pb2.EvictionSummary.FromString(summary_to_proto(summary).SerializeToString()))
     assert dataclasses.asdict(back) == dataclasses.asdict(summary)
 
 

@@ -66,7 +66,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from kvevict.cache_manager import logs
+    from kvevict import logs
     from kvevict.cache_manager.server import ServerConfig, serve
 
     config = ServerConfig(

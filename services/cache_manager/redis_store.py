@@ -43,7 +43,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 
 from kvevict.cache_manager.errors import Aborted, ResourceExhausted, StoreUnavailable
-from kvevict.cache_manager.logs import log_event
+from kvevict.logs import log_event
 from kvevict.cache_manager.state import MAX_ATTEMPTS, R, SessionState, Step, Transition
 
 log = logging.getLogger("kvevict.manager.redis")

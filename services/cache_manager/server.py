@@ -22,23 +22,22 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import Message
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 
 from kvevict.cache_manager.errors import (
     Aborted, InvalidArgument, ManagerError, NotFound, ResourceExhausted, StoreUnavailable,
 )
-from kvevict.cache_manager.logs import log_event
+from kvevict.logs import log_event
 from kvevict.cache_manager.service import AsyncManagerCore
 from kvevict.cache_manager.state import AsyncInMemoryStateStore, AsyncStateStore, InMemoryStateStore
 from kvevict.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, server_options
+from kvevict.grpc_server import ServiceHealth, bind
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import cache_manager_pb2_grpc as pb_grpc
 
 log = logging.getLogger("kvevict.manager")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CacheManagerService"].full_name
-HEALTH_SERVICES = ("", SERVICE_NAME)
 STATUS_CODES: tuple[tuple[type[ManagerError], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
@@ -142,9 +141,9 @@ class CacheManagerServicer(pb_grpc.CacheManagerServiceServicer):
 class ReadinessProbe:
     """Pings the store every `interval_s`; health is SERVING exactly while it answers."""
 
-    def __init__(self, store: AsyncStateStore, health_servicer, interval_s: float, timeout_s: float) -> None:
+    def __init__(self, store: AsyncStateStore, health: ServiceHealth, interval_s: float, timeout_s: float) -> None:
         self.store = store
-        self.health = health_servicer
+        self.health = health
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.serving: bool | None = None
@@ -157,8 +156,7 @@ class ReadinessProbe:
             ok, reason = False, f"{type(error).__name__}: {error}"
         if ok != self.serving:
             status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
-            for service in HEALTH_SERVICES:
-                await self.health.set(service, status)
+            await self.health.set(status)
             level = logging.INFO if ok else logging.WARNING
             log_event(log, level, "health", status=health_pb2.HealthCheckResponse.ServingStatus.Name(status),
                       reason=None if ok else reason)
@@ -178,31 +176,19 @@ class ManagerServer:
         self.config = config
         self.store = store or make_store(config)
         self.core = AsyncManagerCore(self.store)
-        self.health = health.aio.HealthServicer()
-        self.probe = ReadinessProbe(self.store, self.health, config.probe_interval_s,
-                                    timeout_s=min(config.probe_interval_s, config.redis_timeout_s))
         # No SO_REUSEPORT: a port already taken is an error, not a second, silent listener.
         self.server = grpc.aio.server(options=[*server_options(config.max_message_bytes), ("grpc.so_reuseport", 0)],
                                       maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
         pb_grpc.add_CacheManagerServiceServicer_to_server(CacheManagerServicer(self.core), self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server,
-        )
+        self.health = ServiceHealth(self.server, SERVICE_NAME)
+        self.probe = ReadinessProbe(self.store, self.health, config.probe_interval_s,
+                                    timeout_s=min(config.probe_interval_s, config.redis_timeout_s))
         self.port = 0
         self._probe_task: asyncio.Task | None = None
 
     async def start(self) -> int:
-        address = f"{self.config.host}:{self.config.port}"
-        try:
-            self.port = self.server.add_insecure_port(address)
-        except RuntimeError as error:
-            raise OSError(f"cannot listen on {address}: {error}") from error
-        if not self.port:
-            raise OSError(f"cannot listen on {address}")
-        for service in HEALTH_SERVICES:
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = bind(self.server, self.config.host, self.config.port)
+        await self.health.set(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.probe.check()  # health is right from the first call; a down store does not block startup
         self._probe_task = asyncio.create_task(self.probe.run())
         await self.server.start()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import grpc
@@ -16,7 +14,7 @@ from kvevict import wire
 from kvevict.cli_options import budget_spec, policy_label, policy_spec
 from kvevict.grpc_options import channel_options
 from kvevict.v1 import worker_pb2, worker_pb2_grpc
-from kvevict.worker.summary import format_summary as format_generator_summary
+from kvevict.worker.summary import EvictionSummary, format_summary as format_generator_summary
 
 
 def eviction_options(args: argparse.Namespace) -> worker_pb2.EvictionOptions:
@@ -56,44 +54,9 @@ def generate_request(args: argparse.Namespace) -> worker_pb2.GenerateRequest:
     return request
 
 
-@dataclass
-class WireSummary:
-    """The EvictionSummary of the wire, with the attributes of the generator's summary (what
-    kvevict.worker.summary.format_summary reads), without importing torch in the client."""
-
-    prompt_tokens: int
-    generated_tokens: int
-    evicted_per_layer: list[int]
-    final_lengths: list[int]
-    peak_lengths: list[int]
-    layer_budgets: list[int]
-    kv_bytes: int
-    full_cache_bytes: int
-    peak_kv_bytes: int
-    reports: int
-    report_bytes: int
-    manager_seconds: float
-    prefill_seconds: float
-    decode_seconds: float
-    manager_fallback: bool
-
-    @classmethod
-    def from_proto(cls, message: worker_pb2.EvictionSummary) -> WireSummary:
-        return cls(**{f.name: list(v) if isinstance(v := getattr(message, f.name), Iterable) else v
-                      for f in fields(cls)})
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        return self.generated_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
-
-    @property
-    def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
-
-
 def format_summary(message: worker_pb2.EvictionSummary, policy: str) -> str:
     """The table of `kvevict generate`, plus a line when the worker failed open."""
-    text = format_generator_summary(WireSummary.from_proto(message), policy=policy)
+    text = format_generator_summary(EvictionSummary.from_proto(message), policy=policy)
     if message.manager_fallback:
         text += "\nmanager: unreachable, decided in-process by the worker (fail-open)"
     return text

@@ -90,7 +90,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from transformers.utils import logging as transformers_logging
 
-    from kvevict.cache_manager import logs
+    from kvevict import logs
     from kvevict.worker.prompts import EvictionDefaults, Limits
     from kvevict.worker.server import WorkerConfig, serve
 

@@ -15,35 +15,7 @@ import torch
 from kvevict.worker.cache_session import CacheSession, EvictionSettings, ForwardObserver
 from kvevict.worker.manager_client import ManagerClient
 from kvevict.worker.sampling import Sampler, SamplingConfig
-
-
-@dataclass
-class EvictionSummary:
-    """What eviction did to one generation."""
-
-    prompt_tokens: int
-    generated_tokens: int
-    evicted_per_layer: list[int]  # tokens evicted per KV head, per layer
-    final_lengths: list[int]  # tokens per KV head left in each layer's cache
-    peak_lengths: list[int]  # largest cache length each layer reached
-    layer_budgets: list[int]
-    kv_bytes: int  # keys + values held at the end
-    full_cache_bytes: int  # what a cache without eviction would hold
-    peak_kv_bytes: int
-    reports: int
-    report_bytes: int
-    manager_seconds: float
-    prefill_seconds: float
-    decode_seconds: float
-    manager_fallback: bool = False  # the manager was lost and the session went on in-process
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        return self.generated_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
-
-    @property
-    def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+from kvevict.worker.summary import EvictionSummary
 
 
 @dataclass

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from kvevict.worker.cache_session import CacheSession, EvictionSettings, ForwardObserver
-from kvevict.worker.generator import EvictionSummary, summarize
+from kvevict.worker.generator import summarize
+from kvevict.worker.summary import EvictionSummary
 from kvevict.worker.manager_client import ManagerClient
 
 

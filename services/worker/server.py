@@ -37,17 +37,18 @@ from typing import Callable
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 
 from kvevict import wire
 from kvevict.cache_manager.errors import Aborted, InvalidArgument, ManagerError, NotFound, ResourceExhausted
-from kvevict.cache_manager.logs import log_event
+from kvevict.logs import log_event
 from kvevict.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, server_options
+from kvevict.grpc_server import ServiceHealth, bind
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import worker_pb2, worker_pb2_grpc
 from kvevict.worker import prompts
-from kvevict.worker.generator import EvictingGenerator, EvictionSummary
+from kvevict.worker.generator import EvictingGenerator
+from kvevict.worker.summary import EvictionSummary
 from kvevict.worker.manager_client import EmbeddedManagerClient, ManagerClient
 from kvevict.worker.model_loader import default_threads, geometry_of, load_model
 from kvevict.worker.prompts import ErrorKind, EvictionDefaults, Limits, RequestError
@@ -59,7 +60,6 @@ from kvevict.worker.text_stream import TextStream
 log = logging.getLogger("kvevict.worker")
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
-HEALTH_SERVICES = ("", SERVICE_NAME)
 _KIND_CODES = {ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
                ErrorKind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
                ErrorKind.PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION}
@@ -431,26 +431,14 @@ class WorkerServer:
         # Intra-op threads are set on the model thread itself (OpenMP settings are per thread).
         self.scheduler = ModelScheduler(config.max_queue, initializer=lambda: torch.set_num_threads(threads))
         self.servicer = WorkerServicer(config, self.manager, self.scheduler)
-        self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=server_options(config.max_message_bytes))
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server,
-        )
+        self.health = ServiceHealth(self.server, SERVICE_NAME)
         self.port = 0
 
     async def start(self) -> int:
-        address = f"{self.config.host}:{self.config.port}"
-        try:
-            self.port = self.server.add_insecure_port(address)
-        except RuntimeError as error:
-            raise OSError(f"cannot listen on {address}: {error}") from error
-        if not self.port:
-            raise OSError(f"cannot listen on {address}")
-        for service in HEALTH_SERVICES:
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = bind(self.server, self.config.host, self.config.port)
+        await self.health.set(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         return self.port
 
@@ -463,8 +451,7 @@ class WorkerServer:
             raise ValueError(f"the default eviction settings (--policy, --budget, ...) are invalid: "
                              f"{error.field.removeprefix('eviction.')}: {error.message}") from None
         self.servicer.runtime = runtime
-        for service in HEALTH_SERVICES:
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(health_pb2.HealthCheckResponse.SERVING)
         return runtime
 
     async def stop(self, grace_s: float | None = None) -> None:
