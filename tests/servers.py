@@ -148,9 +148,22 @@ class ManagerProcess(ServerProcess):
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def metrics_port(self) -> int:
+        return metrics_port(self)
+
+
+def metrics_port(server: ServerProcess) -> int:
+    """The `metrics_port=N` of a ready server's ready line (manager or worker)."""
+    assert server.match is not None, "not ready"
+    found = re.search(r"\bmetrics_port=(\d+)", server.match.string)
+    assert found, f"no metrics_port in the ready line: {server.match.string}"
+    return int(found.group(1))
+
 
 def manager_argv(redis_url: str = "memory://", *extra: str) -> list[str]:
-    return [sys.executable, "-m", "kvevict.cli", "manager", "serve", "--port", "0", "--redis-url", redis_url, *extra]
+    return [sys.executable, "-m", "kvevict.cli", "manager", "serve", "--port", "0", "--metrics-port", "0",
+            "--redis-url", redis_url, *extra]
 
 
 def start_manager(redis_url: str = "memory://", *extra: str, timeout_s: float = 30.0) -> ManagerProcess:

@@ -58,8 +58,8 @@ LIMITS = ("--max-queue", "3", "--max-prompt-tokens", "300", "--max-new-tokens-li
 
 
 def worker_argv(model: Path, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "kvevict.cli", "worker", "serve", "--port", "0", "--model", str(model),
-            "--threads", "1", *flags]
+    return [sys.executable, "-m", "kvevict.cli", "worker", "serve", "--port", "0", "--metrics-port", "0",
+            "--model", str(model), "--threads", "1", *flags]
 
 
 def start_workers(*argvs: list[str], timeout_s: float = 120.0) -> list[ServerProcess]:

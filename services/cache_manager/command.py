@@ -3,7 +3,7 @@
 Every flag has an environment variable (the flag wins): KVEVICT_MANAGER_HOST, KVEVICT_MANAGER_PORT,
 KVEVICT_REDIS_URL, KVEVICT_SESSION_TTL_S, KVEVICT_MAX_SESSIONS, KVEVICT_MAX_MESSAGE_MB,
 KVEVICT_MAX_CONCURRENT_RPCS, KVEVICT_REDIS_TIMEOUT_S, KVEVICT_STATE_CACHE_MB, KVEVICT_GRACE_S,
-KVEVICT_LOG_LEVEL.
+KVEVICT_MANAGER_METRICS_PORT, KVEVICT_LOG_LEVEL.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ ENV = {
     "redis_timeout": "KVEVICT_REDIS_TIMEOUT_S",
     "state_cache_mb": "KVEVICT_STATE_CACHE_MB",
     "grace": "KVEVICT_GRACE_S",
+    "metrics_port": "KVEVICT_MANAGER_METRICS_PORT",
     "log_level": "KVEVICT_LOG_LEVEL",
 }
 
@@ -60,6 +61,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     _env(parser, "--state-cache-mb", "state_cache_mb", "256",
          "MiB of session states each replica caches to skip reading them back from Redis; 0 = none", type=float)
     _env(parser, "--grace", "grace", "10", "seconds running calls may finish after SIGTERM", type=float)
+    _env(parser, "--metrics-port", "metrics_port", "9464",
+         "port of the Prometheus /metrics page (on --host); 0 picks a free one (logged when ready), -1 = none",
+         type=int)
     _env(parser, "--log-level", "log_level", "INFO", "debug, info, warning or error (debug logs every call)")
 
 
@@ -74,6 +78,7 @@ def run_serve(args: argparse.Namespace) -> int:
         session_ttl_s=args.session_ttl, max_sessions=args.max_sessions,
         max_message_bytes=int(args.max_message_mb * 2**20), max_concurrent_rpcs=args.max_concurrent_rpcs,
         redis_timeout_s=args.redis_timeout, state_cache_bytes=int(args.state_cache_mb * 2**20), grace_s=args.grace,
+        metrics_port=args.metrics_port,
     )
     logs.configure(args.log_level)
     asyncio.run(serve(config))

@@ -1,19 +1,50 @@
 """One report's decision: append the new tokens, update accumulators, score, allocate budgets,
-select, and compact the state. Pure: returns the answer and the next state, stores nothing."""
+select, and compact the state. Pure: returns the answer, the next state and what the decision
+did (for the metrics), stores nothing."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from kvevict import wire
 from kvevict.cache_manager.policies.base import LayerContext
-from kvevict.cache_manager.selection import select_keep
+from kvevict.cache_manager.selection import select_keep_scored
 from kvevict.cache_manager.state import SessionState
 from kvevict.cache_manager.validation import ValidatedReport
+from kvevict.cache_manager.wrappers import CAOTE
 from kvevict.v1 import cache_manager_pb2 as pb
 
 
-def decide(state: SessionState, report: ValidatedReport, sequence: int) -> tuple[pb.ReportBlockResponse, SessionState]:
+@dataclass(frozen=True)
+class DecisionStats:
+    """What one decision did, in tokens per (layer, KV head, token) cache entry."""
+
+    num_kv_heads: int
+    cache_lengths: tuple[int, ...]  # per layer: tokens per KV head decided on (new tokens included)
+    layer_budgets: tuple[int, ...]  # per layer, after the decision
+    # CAOTE-wrapped policies only (caote, fastcaote): per layer that evicted, the output-error
+    # scores of the evicted tokens (kv_heads, evicted per head); empty for other policies.
+    evicted_output_errors: tuple[np.ndarray, ...] = ()
+    seconds: float = 0.0  # validation + decision (set by the report step)
+
+    @property
+    def evaluated_per_layer(self) -> np.ndarray:
+        return np.asarray(self.cache_lengths, dtype=np.int64) * self.num_kv_heads
+
+    @property
+    def kept_per_layer(self) -> np.ndarray:
+        lengths = np.asarray(self.cache_lengths, dtype=np.int64)
+        return np.minimum(lengths, np.asarray(self.layer_budgets, dtype=np.int64)) * self.num_kv_heads
+
+    @property
+    def evicted_per_layer(self) -> np.ndarray:
+        return self.evaluated_per_layer - self.kept_per_layer
+
+
+def decide(state: SessionState, report: ValidatedReport,
+           sequence: int) -> tuple[pb.ReportBlockResponse, SessionState, DecisionStats]:
     """Decides a validated report; the next state's `last_response` is the answer serialized."""
     settings = state.settings
     policy = settings.policy()
@@ -34,13 +65,17 @@ def decide(state: SessionState, report: ValidatedReport, sequence: int) -> tuple
     response = pb.ReportBlockResponse(sequence=sequence, layer_budgets=budgets)
     kept_positions, kept_accumulators = [], []
     evicted = 0
+    output_errors = isinstance(policy, CAOTE)
+    evicted_errors = []
     for layer, ctx in enumerate(contexts):
         length, budget = lengths[layer], budgets[layer]
         positions, accumulator = ctx.positions, ctx.accumulator
         if length > budget:
             score = scores[layer] if scores is not None else policy.score(ctx)
             assert score.shape == positions.shape, f"{policy.name} scored {score.shape}, cache is {positions.shape}"
-            keep = select_keep(score, budget, settings.sink, settings.recent)
+            keep, evicted_scores = select_keep_scored(score, budget, settings.sink, settings.recent)
+            if output_errors:
+                evicted_errors.append(evicted_scores)
             # Exactly `budget` per row, so row-major boolean indexing keeps each head's order.
             positions = positions[keep].reshape(heads, budget)
             if accumulator is not None:
@@ -62,4 +97,6 @@ def decide(state: SessionState, report: ValidatedReport, sequence: int) -> tuple
         reports=state.reports + 1,
         evicted_tokens=state.evicted_tokens + evicted,
     )
-    return response, next_state
+    stats = DecisionStats(num_kv_heads=heads, cache_lengths=tuple(lengths), layer_budgets=tuple(budgets),
+                          evicted_output_errors=tuple(evicted_errors))
+    return response, next_state, stats

@@ -3,8 +3,13 @@
 Layout (prefix `kvevict:` by default):
 - `<prefix>session:<id>`: an 8-byte random version, then the state (`SessionState.to_bytes()`),
   with a TTL refreshed on every write (a session idle for `ttl_s` expires: NOT_FOUND).
-- `<prefix>sessions`: sorted set of open session ids scored by their expiry (Redis server time);
-  it only counts sessions for `max_sessions`, a limit shared by every replica.
+- `<prefix>sessions`: sorted set of open session ids scored by their expiry (Redis server time,
+  to the microsecond, so an id is pruned only once its key has expired);
+  it counts sessions for `max_sessions`, a limit shared by every replica, and for the metrics.
+  Expired ids are pruned from it when a session is created and by `count()` (the manager's
+  health probe, every second); the replica that prunes an id adds it to its `expired` tally,
+  so the replicas' tallies sum to the sessions that expired unclosed. The set itself lives
+  INDEX_GRACE_S longer than its newest session, so a probe still finds (and counts) the last ones.
 
 A report is one optimistic transaction: WATCH the key, read it (see the cache below), run the
 step (decode, validate, decide, encode) in the default executor, then MULTI / SET with the TTL /
@@ -24,6 +29,10 @@ sequence number a replica has cached.
 Every Redis or socket error becomes StoreUnavailable (UNAVAILABLE); commands time out after
 `timeout_s`, and only a broken pooled connection is retried (once, at once), so an outage
 surfaces in bounded time and the worker's backoff decides what happens next.
+
+`observer(operation, seconds, failed)`, when set, hears of every operation (ping, get, create,
+update, delete, count) with the time spent talking to Redis (an update's decision step, run
+in the executor, is not Redis time and is left out) and whether it failed (StoreUnavailable).
 """
 
 from __future__ import annotations
@@ -32,8 +41,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as redis
@@ -52,33 +62,40 @@ DEFAULT_TTL_S = 3600
 DEFAULT_TIMEOUT_S = 2.0
 DEFAULT_CACHE_BYTES = 256 * 2**20
 VERSION_BYTES = 8
+# The index outlives its newest session by this much, so expired ids are pruned (and counted)
+# before the index itself goes.
+INDEX_GRACE_S = 60
 
 # Prunes expired ids, enforces the limit, stores a new session and indexes it, atomically.
-# KEYS: session key, index; ARGV: state, ttl (s), max sessions (0 = none), session id.
+# KEYS: session key, index; ARGV: state, ttl (s), max sessions (0 = none), session id, index ttl (s).
+# Returns {open sessions if refused else -1, expired ids pruned}.
 _CREATE = """
-local now = tonumber(redis.call('TIME')[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local time = redis.call('TIME')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1e6
+local pruned = redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local limit = tonumber(ARGV[3])
 if limit > 0 and redis.call('ZCARD', KEYS[2]) >= limit then
-  return redis.call('ZCARD', KEYS[2])
+  return {redis.call('ZCARD', KEYS[2]), pruned}
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-return -1
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+return {-1, pruned}
 """
 # Refreshes a session's expiry in the index (runs inside the update's MULTI). KEYS: index;
-# ARGV: ttl (s), session id.
+# ARGV: ttl (s), session id, index ttl (s).
 _TOUCH = """
-local now = tonumber(redis.call('TIME')[1])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1e6
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
-# Live sessions. KEYS: index.
+# Live sessions. KEYS: index. Returns {expired ids pruned, open sessions}.
 _COUNT = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(redis.call('TIME')[1]))
-return redis.call('ZCARD', KEYS[1])
+local time = redis.call('TIME')
+local pruned = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(time[1]) + tonumber(time[2]) / 1e6)
+return {pruned, redis.call('ZCARD', KEYS[1])}
 """
 
 
@@ -161,6 +178,8 @@ class RedisStateStore:
         self.index_key = f"{prefix}sessions"
         self.cache = StateCache(cache_bytes)
         self.conflicts = 0  # steps run again because another writer won the race
+        self.expired = 0  # expired session ids this replica pruned from the index
+        self.observer: Callable[[str, float, bool], None] | None = None  # see the module docstring
         self._create = client.register_script(_CREATE)
         self._count = client.register_script(_COUNT)
 
@@ -204,10 +223,11 @@ class RedisStateStore:
         data = self.encode(state)
         version = data[:VERSION_BYTES]
         with self._unavailable("create"):
-            refused = await self._create(
+            refused, pruned = await self._create(
                 keys=[self.key(state.session_id), self.index_key],
-                args=[data, self.ttl_s, self.max_sessions, state.session_id],
+                args=[data, self.ttl_s, self.max_sessions, state.session_id, self.ttl_s + INDEX_GRACE_S],
             )
+        self.expired += int(pruned)
         if refused >= 0:
             raise ResourceExhausted(f"too many sessions: {refused} open, limit {self.max_sessions}")
         self.cache.put(state.session_id, version, state, len(data))
@@ -217,7 +237,7 @@ class RedisStateStore:
         loop = asyncio.get_running_loop()
         for attempt in range(MAX_ATTEMPTS):
             try:
-                with self._unavailable("update"):
+                with self._unavailable("update") as timer:
                     async with self.client.pipeline(transaction=True) as pipe:
                         await pipe.watch(key)
                         version = await pipe.getrange(key, 0, VERSION_BYTES - 1)
@@ -225,14 +245,16 @@ class RedisStateStore:
                         if version:
                             stored = self.cache.get(session_id, version) or await pipe.get(key)
                         new_version = _new_version()
+                        stepped = time.perf_counter()
                         transition, seen, data = await loop.run_in_executor(None, _apply, step, stored, new_version)
+                        timer.excluded += time.perf_counter() - stepped
                         if isinstance(stored, bytes):
                             self.cache.put(session_id, version, seen, len(stored))
                         if data is None:
                             return transition.result  # a retry or an error: nothing to write
                         pipe.multi()
                         pipe.set(key, data, ex=self.ttl_s)
-                        pipe.eval(_TOUCH, 1, self.index_key, self.ttl_s, session_id)
+                        pipe.eval(_TOUCH, 1, self.index_key, self.ttl_s, session_id, self.ttl_s + INDEX_GRACE_S)
                         await pipe.execute()
                         self.cache.put(session_id, new_version, transition.state, len(data))
                         return transition.result
@@ -253,17 +275,36 @@ class RedisStateStore:
     async def count(self) -> int:
         """Open sessions (every replica's)."""
         with self._unavailable("count"):
-            return int(await self._count(keys=[self.index_key]))
+            pruned, count = await self._count(keys=[self.index_key])
+        self.expired += int(pruned)
+        return int(count)
 
     async def close(self) -> None:
         with contextlib.suppress(RedisError, OSError):
             await self.client.aclose()
 
     @contextlib.contextmanager
-    def _unavailable(self, operation: str) -> Iterator[None]:
+    def _unavailable(self, operation: str) -> Iterator[_Timer]:
+        """Redis errors -> StoreUnavailable; tells the observer how long the block talked to Redis."""
+        timer = _Timer()
+        started = time.perf_counter()
+        failed = False
         try:
-            yield
+            yield timer
         except WatchError:
             raise
         except (RedisError, OSError, asyncio.TimeoutError) as error:
+            failed = True
             raise StoreUnavailable(f"redis {operation} failed: {type(error).__name__}: {error}") from error
+        finally:
+            if self.observer is not None:
+                self.observer(operation, max(0.0, time.perf_counter() - started - timer.excluded), failed)
+
+
+class _Timer:
+    """Seconds of a timed block that were not spent on Redis (an update's decision step)."""
+
+    __slots__ = ("excluded",)
+
+    def __init__(self) -> None:
+        self.excluded = 0.0

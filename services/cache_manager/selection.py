@@ -17,7 +17,14 @@ from kvevict.cache_manager.errors import InvalidArgument
 
 def select_keep(scores: np.ndarray, budget: int, sink: int, recent: int) -> np.ndarray:
     """Keep mask (kv_heads, L): the protected tokens plus the best-scored others, exactly
-    `budget` per head. Needs sink + recent < budget.
+    `budget` per head. Needs sink + recent < budget. See select_keep_scored."""
+    return select_keep_scored(scores, budget, sink, recent)[0]
+
+
+def select_keep_scored(scores: np.ndarray, budget: int, sink: int, recent: int) -> tuple[np.ndarray, np.ndarray]:
+    """The keep mask of select_keep, and the scores of the evicted tokens (kv_heads, L - budget),
+    each head's row in no particular order (empty when nothing is evicted): a by-product of the
+    partition, so the metrics get them for free.
 
     Protected: the first `sink` tokens of the sequence and the `recent` most recent ones. Sinks
     are never evicted and kept tokens keep their order, so they always sit in the first `sink`
@@ -28,13 +35,14 @@ def select_keep(scores: np.ndarray, budget: int, sink: int, recent: int) -> np.n
     heads, length = scores.shape
     keep = np.ones((heads, length), dtype=bool)
     if length <= budget:
-        return keep
+        return keep, scores[:, :0]
     free = budget - sink - recent  # slots left for scored tokens
     assert free > 0, "sink + recent < budget is checked at session open"
     middle = scores[:, sink : length - recent]
     # Threshold = free-th largest score of each head; length > budget leaves more than `free` here.
     kth = middle.shape[1] - free
-    threshold = np.partition(middle, kth, axis=-1)[:, kth : kth + 1]
+    partitioned = np.partition(middle, kth, axis=-1)
+    threshold = partitioned[:, kth : kth + 1]
     above = middle > threshold
     ties = middle == threshold
     still_free = free - np.count_nonzero(above, axis=-1)
@@ -45,7 +53,9 @@ def select_keep(scores: np.ndarray, budget: int, sink: int, recent: int) -> np.n
         ties_from_end = np.cumsum(ties[:, ::-1], axis=-1, dtype=np.int32)[:, ::-1]
         chosen = above | (ties & (ties_from_end <= still_free[:, None]))
     keep[:, sink : length - recent] = chosen
-    return keep
+    # The kth smallest scores of each row: what the evicted tokens scored (ties at the threshold
+    # are interchangeable, so the values are exact whichever of them were evicted).
+    return keep, partitioned[:, :kth]
 
 
 def validate_protection(sink: int, recent: int, budgets: Sequence[int]) -> None:

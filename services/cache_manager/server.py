@@ -8,7 +8,9 @@ UNAVAILABLE. gRPC itself answers RESOURCE_EXHAUSTED to a message over `max_messa
 to calls beyond `max_concurrent_rpcs`.
 
 Health (grpc.health.v1) reports SERVING for "" and "kvevict.v1.CacheManagerService" only while
-the store answers a ping; a probe checks every `probe_interval_s`.
+the store answers a ping; a probe checks every `probe_interval_s` (and refreshes the open-session
+gauge). Prometheus metrics (kvevict.cache_manager.metrics) are served over HTTP on
+`metrics_port` (0: a free one, -1: none), on the same host as gRPC.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from kvevict.cache_manager.errors import (
     Aborted, InvalidArgument, ManagerError, NotFound, ResourceExhausted, StoreUnavailable,
 )
 from kvevict.logs import log_event
+from kvevict.cache_manager.metrics import ManagerMetrics
 from kvevict.cache_manager.service import AsyncManagerCore
 from kvevict.cache_manager.state import AsyncInMemoryStateStore, AsyncStateStore, InMemoryStateStore
 from kvevict.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, server_options
 from kvevict.grpc_server import ServiceHealth, bind
+from kvevict.metrics import DISABLED_PORT, MetricsServer, check_metrics_port
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import cache_manager_pb2_grpc as pb_grpc
 
@@ -67,8 +71,10 @@ class ServerConfig:
     state_cache_bytes: int = 256 * 2**20  # per replica, of states last read or written (Redis only)
     probe_interval_s: float = 1.0
     grace_s: float = 10.0
+    metrics_port: int = 9464  # Prometheus /metrics; 0 = any free port, -1 = none
 
     def __post_init__(self) -> None:
+        check_metrics_port(self.metrics_port)
         for name in ("session_ttl_s", "max_message_bytes", "redis_timeout_s", "probe_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -141,11 +147,13 @@ class CacheManagerServicer(pb_grpc.CacheManagerServiceServicer):
 class ReadinessProbe:
     """Pings the store every `interval_s`; health is SERVING exactly while it answers."""
 
-    def __init__(self, store: AsyncStateStore, health: ServiceHealth, interval_s: float, timeout_s: float) -> None:
+    def __init__(self, store: AsyncStateStore, health: ServiceHealth, interval_s: float, timeout_s: float,
+                 metrics: ManagerMetrics | None = None) -> None:
         self.store = store
         self.health = health
         self.interval_s = interval_s
         self.timeout_s = timeout_s
+        self.metrics = metrics
         self.serving: bool | None = None
 
     async def check(self) -> bool:
@@ -154,6 +162,11 @@ class ReadinessProbe:
             ok = True
         except Exception as error:  # any failure to answer means not ready
             ok, reason = False, f"{type(error).__name__}: {error}"
+        if ok and self.metrics is not None:
+            try:  # also prunes expired sessions, which the store tallies for the metrics
+                self.metrics.sessions_counted(await asyncio.wait_for(self.store.count(), self.timeout_s))
+            except Exception:  # the gauge keeps its last value; the next probe tries again
+                pass
         if ok != self.serving:
             status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
             await self.health.set(status)
@@ -175,19 +188,30 @@ class ManagerServer:
     def __init__(self, config: ServerConfig, store: AsyncStateStore | None = None) -> None:
         self.config = config
         self.store = store or make_store(config)
-        self.core = AsyncManagerCore(self.store)
+        self.metrics = None if config.metrics_port == DISABLED_PORT else ManagerMetrics()
+        self.core = AsyncManagerCore(self.store, metrics=self.metrics)
+        interceptors = [] if self.metrics is None else [self.metrics.rpcs.interceptor()]
         # No SO_REUSEPORT: a port already taken is an error, not a second, silent listener.
         self.server = grpc.aio.server(options=[*server_options(config.max_message_bytes), ("grpc.so_reuseport", 0)],
-                                      maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
+                                      maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
+                                      interceptors=interceptors)
         pb_grpc.add_CacheManagerServiceServicer_to_server(CacheManagerServicer(self.core), self.server)
         self.health = ServiceHealth(self.server, SERVICE_NAME)
         self.probe = ReadinessProbe(self.store, self.health, config.probe_interval_s,
-                                    timeout_s=min(config.probe_interval_s, config.redis_timeout_s))
+                                    timeout_s=min(config.probe_interval_s, config.redis_timeout_s), metrics=self.metrics)
+        self.metrics_server = None
+        if self.metrics is not None:
+            self.metrics.watch_store(self.store)
+            self.metrics_server = MetricsServer(self.metrics.registry)
         self.port = 0
+        self.metrics_port = DISABLED_PORT
         self._probe_task: asyncio.Task | None = None
 
     async def start(self) -> int:
+        """Binds gRPC, then the metrics port (OSError if either is taken), and starts serving."""
         self.port = bind(self.server, self.config.host, self.config.port)
+        if self.metrics_server is not None:
+            self.metrics_port = self.metrics_server.start(self.config.host, self.config.metrics_port)
         await self.health.set(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.probe.check()  # health is right from the first call; a down store does not block startup
         self._probe_task = asyncio.create_task(self.probe.run())
@@ -202,6 +226,8 @@ class ManagerServer:
             self._probe_task.cancel()
             await asyncio.gather(self._probe_task, return_exceptions=True)
         await self.store.close()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
 
 
 async def serve(config: ServerConfig) -> None:
@@ -215,6 +241,7 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     port = await server.start()
     log_event(log, logging.INFO, "manager.ready", host=config.host, port=port,
+              metrics_port=None if server.metrics_server is None else server.metrics_port,
               store="memory" if config.in_memory else redact(config.redis_url), session_ttl_s=config.session_ttl_s,
               max_sessions=config.max_sessions, max_message_bytes=config.max_message_bytes,
               serving=server.probe.serving)

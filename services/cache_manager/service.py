@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from kvevict.cache_manager import transitions
 from kvevict.cache_manager.registry import ComponentInfo, describe_policies
 from kvevict.cache_manager.state import AsyncStateStore, StateStore
 from kvevict.v1 import cache_manager_pb2 as pb
+
+if TYPE_CHECKING:
+    from kvevict.cache_manager.metrics import ManagerMetrics
 
 
 def new_session_id() -> str:
@@ -71,23 +75,40 @@ class ManagerCore:
 
 class AsyncManagerCore:
     """ManagerCore for an asyncio server over an AsyncStateStore (Redis). Decisions run off the
-    event loop (the store runs each report's step in the default executor)."""
+    event loop (the store runs each report's step in the default executor). With `metrics`, it
+    records sessions opened and closed and every report's outcome and decision."""
 
-    def __init__(self, store: AsyncStateStore, new_session_id: Callable[[], str] = new_session_id) -> None:
+    def __init__(self, store: AsyncStateStore, new_session_id: Callable[[], str] = new_session_id,
+                 metrics: ManagerMetrics | None = None) -> None:
         self.store = store
         self._new_session_id = new_session_id
+        self.metrics = metrics
 
     async def open_session(self, request: pb.OpenSessionRequest) -> pb.OpenSessionResponse:
         response, state = transitions.open_session(request, self._new_session_id())
         await self.store.create(state)
+        if self.metrics is not None:
+            self.metrics.sessions_opened.inc()
         return response
 
     async def report_block(self, request: pb.ReportBlockRequest) -> pb.ReportBlockResponse:
-        return await self.store.update(request.session_id, transitions.report_step(request))
+        if self.metrics is None:
+            return await self.store.update(request.session_id, transitions.report_step(request))
+        try:
+            step = transitions.report_step(request, digest=self.metrics.digest)
+            response = await self.store.update(request.session_id, step)
+        except Exception as error:
+            self.metrics.report_failed(request, error)
+            raise
+        self.metrics.report_answered(request, step.decision, step.digested)
+        return response
 
     async def close_session(self, request: pb.CloseSessionRequest) -> pb.CloseSessionResponse:
         session_id = transitions.check_session_id(request.session_id)
-        return transitions.close_response(transitions.require(await self.store.delete(session_id), session_id))
+        response = transitions.close_response(transitions.require(await self.store.delete(session_id), session_id))
+        if self.metrics is not None:
+            self.metrics.sessions_closed.inc()
+        return response
 
     async def get_session(self, request: pb.GetSessionRequest) -> pb.GetSessionResponse:
         session_id = transitions.check_session_id(request.session_id)

@@ -172,6 +172,11 @@ class AsyncStateStore(Protocol):
 
     async def delete(self, session_id: str) -> SessionState | None: ...
 
+    async def count(self) -> int:
+        """Open sessions (with Redis: every replica's); expired ones are pruned and added to
+        `expired`, the store's tally of sessions whose TTL ran out."""
+        ...
+
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -195,6 +200,7 @@ class InMemoryStateStore:
         self._states: dict[str, tuple[SessionState, float]] = {}  # id -> (state, deadline)
         self._lock = threading.Lock()
         self.conflicts = 0  # steps run again because the session changed meanwhile
+        self.expired = 0  # sessions removed because their TTL ran out (never closed)
 
     def get(self, session_id: str) -> SessionState | None:
         with self._lock:
@@ -247,6 +253,7 @@ class InMemoryStateStore:
             return None
         if entry[1] <= self._clock():
             del self._states[session_id]
+            self.expired += 1
             return None
         return entry[0]
 
@@ -255,6 +262,7 @@ class InMemoryStateStore:
             now = self._clock()
             for session_id in [k for k, (_, deadline) in self._states.items() if deadline <= now]:
                 del self._states[session_id]
+                self.expired += 1
 
 
 class AsyncInMemoryStateStore:
@@ -275,6 +283,13 @@ class AsyncInMemoryStateStore:
 
     async def delete(self, session_id: str) -> SessionState | None:
         return self.store.delete(session_id)
+
+    async def count(self) -> int:
+        return len(self.store)
+
+    @property
+    def expired(self) -> int:
+        return self.store.expired
 
     async def ping(self) -> None:
         return None

@@ -8,16 +8,18 @@ sees the state as stored, and what it returns is written only if nobody wrote in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 
-from kvevict.cache_manager.decision import decide
+from kvevict.cache_manager.decision import DecisionStats, decide
 from kvevict.cache_manager.errors import Aborted, InvalidArgument, NotFound
 from kvevict.cache_manager.policies import make_base
 from kvevict.cache_manager.registry import describe_policies
 from kvevict.cache_manager.settings import SessionSettings, settings_from_request
-from kvevict.cache_manager.state import SessionState, Step, Transition
+from kvevict.cache_manager.state import SessionState, Transition
 from kvevict.cache_manager.validation import MAX_POSITION, validate_report
 from kvevict.v1 import cache_manager_pb2 as pb
 
@@ -96,13 +98,32 @@ def _opened(state: SessionState, accumulates: bool) -> pb.OpenSessionResponse:
     )
 
 
-def report_step(request: pb.ReportBlockRequest) -> Step[pb.ReportBlockResponse]:
+def report_step(request: pb.ReportBlockRequest, digest: Callable[[DecisionStats], object] | None = None) -> ReportStep:
     """The read-modify-write of one report. A retried sequence number answers the stored decision
     and stores nothing; an out-of-order one is Aborted; a malformed report InvalidArgument."""
-    session_id = check_session_id(request.session_id)
+    return ReportStep(request, digest)
 
-    def step(stored: SessionState | None) -> Transition[pb.ReportBlockResponse]:
-        state = require(stored, session_id)
+
+class ReportStep:
+    """A report's Step (state -> answer and next state). After the store ran it, `decision` tells
+    what its last run, the one whose answer the store returned, did: the DecisionStats of a new
+    decision, or None for a retried sequence number (the stored answer, nothing decided).
+
+    `digest`, when given, runs on each new decision in the step's own thread (the store runs
+    steps off the event loop) and its result is kept as `digested`: the metrics' numpy work."""
+
+    def __init__(self, request: pb.ReportBlockRequest, digest: Callable[[DecisionStats], object] | None = None) -> None:
+        self.session_id = check_session_id(request.session_id)
+        self.request = request
+        self.digest = digest
+        self.decision: DecisionStats | None = None
+        self.digested: object = None
+
+    def __call__(self, stored: SessionState | None) -> Transition[pb.ReportBlockResponse]:
+        # A store may run the step again (a concurrent write): only the last run counts.
+        self.decision = self.digested = None
+        state = require(stored, self.session_id)
+        request = self.request
         sequence = request.sequence
         if sequence == state.last_sequence and state.last_response:
             # A retry: the stored answer, nothing recomputed, nothing changed.
@@ -111,11 +132,13 @@ def report_step(request: pb.ReportBlockRequest) -> Step[pb.ReportBlockResponse]:
             raise InvalidArgument("sequence", "starts at 1")
         if sequence != state.last_sequence + 1:
             raise Aborted(f"sequence: got {sequence}, expected {state.last_sequence + 1} (or {state.last_sequence} to retry)")
+        started = time.perf_counter()
         report = validate_report(request, state)
-        response, next_state = decide(state, report, sequence)
+        response, next_state, decision = decide(state, report, sequence)
+        self.decision = replace(decision, seconds=time.perf_counter() - started)
+        if self.digest is not None:
+            self.digested = self.digest(self.decision)
         return Transition(response, next_state)  # state and answer in one write
-
-    return step
 
 
 def close_response(state: SessionState) -> pb.CloseSessionResponse:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from kvevict.worker.manager_client import EmbeddedManagerClient, ManagerClient
 from kvevict.worker.model_loader import geometry_of
 from kvevict.worker.remote_manager import ManagerUnavailable
 from kvevict.worker.statistics import Requirement, StatisticsCollector
+
+if TYPE_CHECKING:
+    from kvevict.worker.metrics import WorkerMetrics
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 log = logging.getLogger(__name__)
@@ -58,14 +61,20 @@ class SessionStats:
 
 
 class CacheSession:
-    """Runs a model block by block over one sequence, evicting as the manager decides."""
+    """Runs a model block by block over one sequence, evicting as the manager decides.
+
+    With `metrics` (the worker service's), it counts prompt tokens, evicted tokens, fallbacks and
+    report round trips, times the prefill, and keeps the KV-bytes gauges up to date after every
+    forward and eviction (its share is taken back out at close())."""
 
     def __init__(self, model: torch.nn.Module, manager: ManagerClient, settings: EvictionSettings,
-                 observer: ForwardObserver | None = None) -> None:
+                 observer: ForwardObserver | None = None, metrics: WorkerMetrics | None = None) -> None:
         self.model = model
         self.manager = manager
         self.settings = settings
         self.observer = observer
+        self.metrics = metrics
+        self._kv_tracked = (0, 0)  # (kv bytes, full-cache bytes) this session added to the gauges
         self.geometry = geometry_of(model)
         self._open_request = pb.OpenSessionRequest(
             geometry=self.geometry, policy=settings.policy, budget=settings.budget,
@@ -105,15 +114,20 @@ class CacheSession:
         if token_ids.numel() == 0:
             raise ValueError("the prompt has no tokens")
         logits = None
+        started = time.perf_counter()
         for chunk in torch.split(token_ids, self.settings.block_size):
             self.collector.start_period(chunk.numel())
             block_logits = self._forward(chunk, all_logits=on_block_logits is not None)
+            if self.metrics is not None:
+                self.metrics.prefilled(chunk.numel())
             if on_block_logits is not None:
                 on_block_logits(block_logits)
             logits = block_logits[-1]
             self._end_period(pb.PHASE_PREFILL)
             if on_block is not None:
                 on_block(chunk.numel())
+        if self.metrics is not None:
+            self.metrics.prefill_done(time.perf_counter() - started)
         return logits
 
     def decode(self, token_id: int) -> torch.Tensor:
@@ -147,8 +161,18 @@ class CacheSession:
         )
         for layer in range(self.cache.num_layers):
             self.stats.peak_lengths[layer] = max(self.stats.peak_lengths[layer], self.cache.length(layer))
-        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.cache.kv_bytes())
+        kv_bytes = self.cache.kv_bytes()
+        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, kv_bytes)
+        self._track_kv(kv_bytes)
         return output.logits[0]
+
+    def _track_kv(self, kv_bytes: int | None = None) -> None:
+        """Moves the KV gauges by what this session's cache changed since the last call."""
+        if self.metrics is None:
+            return
+        now = (self.cache.kv_bytes() if kv_bytes is None else kv_bytes, self.cache.full_cache_bytes())
+        self.metrics.kv_cache_changed(now[0] - self._kv_tracked[0], now[1] - self._kv_tracked[1])
+        self._kv_tracked = now
 
     # -- reports --------------------------------------------------------------------------
     def _end_period(self, phase: int) -> None:
@@ -160,7 +184,7 @@ class CacheSession:
         request = self._build_report(phase)
         started = time.perf_counter()
         try:
-            response = self.manager.report_block(request)
+            response = self._timed_report(self.manager, request)
         except _LOST_MANAGER as error:
             if not self.settings.fail_open:
                 raise
@@ -169,10 +193,25 @@ class CacheSession:
         self.stats.reports += 1
         self.stats.report_bytes += request.ByteSize()
         self._pending_positions.clear()
+        evicted = 0
         for keep in response.keeps:
             mask = wire.decode_bits(keep.keep, f"keeps[{keep.layer}].keep")
+            before = self.cache.length(keep.layer)
             self.cache.apply_keep(keep.layer, torch.from_numpy(mask))
+            evicted += before - self.cache.length(keep.layer)
         self.layer_budgets = list(response.layer_budgets)
+        if self.metrics is not None:
+            self.metrics.evicted(evicted)
+            self._track_kv()
+
+    def _timed_report(self, manager: ManagerClient, request: pb.ReportBlockRequest) -> pb.ReportBlockResponse:
+        """One ReportBlock call; its round trip (failed or not) goes to the metrics."""
+        started = time.perf_counter()
+        try:
+            return manager.report_block(request)
+        finally:
+            if self.metrics is not None:
+                self.metrics.reported(time.perf_counter() - started)
 
     @torch.inference_mode()
     def _build_report(self, phase: int) -> pb.ReportBlockRequest:
@@ -201,17 +240,22 @@ class CacheSession:
         adopted = local.core.adopt_session(self._open_request, tracked)
         self.manager, self.session_id, self._sequence = local, adopted.session_id, 1
         request.session_id, request.sequence = adopted.session_id, 1
-        return local.report_block(request)
+        return self._timed_report(local, request)
 
     def _note_fallback(self, error: Exception) -> None:
         # Logged once per session: every later report of the session stays in-process.
         self.stats.manager_fallback = True
+        if self.metrics is not None:
+            self.metrics.fell_back()
         log.warning("event=manager_fallback session=%s error=%r", getattr(self, "session_id", None), str(error))
 
     def close(self) -> pb.CloseSessionResponse | None:
         if self._closed:
             return None
         self._closed = True
+        if self.metrics is not None:  # the cache is no longer in flight
+            self.metrics.kv_cache_changed(-self._kv_tracked[0], -self._kv_tracked[1])
+            self._kv_tracked = (0, 0)
         try:
             return self.manager.close_session(pb.CloseSessionRequest(session_id=self.session_id))
         except _LOST_MANAGER as error:

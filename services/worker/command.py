@@ -4,7 +4,8 @@ Every flag of `worker serve` has an environment variable (the flag wins): KVEVIC
 KVEVICT_WORKER_PORT, KVEVICT_MODEL, KVEVICT_DEVICE, KVEVICT_DTYPE, KVEVICT_THREADS,
 KVEVICT_MANAGER, KVEVICT_MANAGER_TIMEOUT_S, KVEVICT_MANAGER_RETRIES, KVEVICT_FAIL_OPEN,
 KVEVICT_DEFAULT_MAX_NEW_TOKENS, KVEVICT_MAX_NEW_TOKENS_LIMIT, KVEVICT_MAX_PROMPT_TOKENS,
-KVEVICT_MAX_QUEUE, KVEVICT_MAX_MESSAGE_MB, KVEVICT_GRACE_S, KVEVICT_LOG_LEVEL. The clients
+KVEVICT_MAX_QUEUE, KVEVICT_MAX_MESSAGE_MB, KVEVICT_GRACE_S, KVEVICT_WORKER_METRICS_PORT,
+KVEVICT_LOG_LEVEL. The clients
 read KVEVICT_WORKER (host:port).
 """
 
@@ -80,6 +81,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
          "largest request / response in MiB (also of the manager channel)", type=float)
     _env(parser, "--grace", "grace", "KVEVICT_GRACE_S", "10",
          "seconds running requests may finish after SIGTERM before they are cancelled", type=float)
+    _env(parser, "--metrics-port", "metrics_port", "KVEVICT_WORKER_METRICS_PORT", "9465",
+         "port of the Prometheus /metrics page (on --host); 0 picks a free one (logged when ready), -1 = none",
+         type=int)
     _env(parser, "--log-level", "log_level", "KVEVICT_LOG_LEVEL", "INFO", "debug, info, warning or error")
     group = parser.add_argument_group("eviction of requests that do not set it")
     add_eviction_flags(group)
@@ -106,6 +110,7 @@ def run_serve(args: argparse.Namespace) -> int:
         limits=Limits(default_max_new_tokens=args.default_max_new_tokens,
                       max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_tokens=args.max_prompt_tokens),
         max_queue=args.max_queue, max_message_bytes=int(args.max_message_mb * 2**20), grace_s=args.grace,
+        metrics_port=args.metrics_port,
     )
     logs.configure(args.log_level)
     transformers_logging.disable_progress_bar()  # weight-loading bars are not log lines

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -16,6 +16,9 @@ from kvevict.worker.cache_session import CacheSession, EvictionSettings, Forward
 from kvevict.worker.manager_client import ManagerClient
 from kvevict.worker.sampling import Sampler, SamplingConfig
 from kvevict.worker.summary import EvictionSummary
+
+if TYPE_CHECKING:
+    from kvevict.worker.metrics import WorkerMetrics
 
 
 @dataclass
@@ -28,10 +31,12 @@ class GenerationResult:
 class EvictingGenerator:
     """Generates from one model through a manager session per request."""
 
-    def __init__(self, model: torch.nn.Module, manager: ManagerClient, settings: EvictionSettings) -> None:
+    def __init__(self, model: torch.nn.Module, manager: ManagerClient, settings: EvictionSettings,
+                 metrics: WorkerMetrics | None = None) -> None:
         self.model = model
         self.manager = manager
         self.settings = settings
+        self.metrics = metrics
 
     def generate(
         self,
@@ -49,7 +54,8 @@ class EvictingGenerator:
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
-        session = CacheSession(self.model, self.manager, self.settings, observer=observer)
+        metrics = self.metrics
+        session = CacheSession(self.model, self.manager, self.settings, observer=observer, metrics=metrics)
         sampler = Sampler(sampling)
         generated: list[int] = []
         kept_logits: list[torch.Tensor] = []
@@ -57,12 +63,16 @@ class EvictingGenerator:
             started = time.perf_counter()
             logits = session.prefill(prompt, on_block=on_prefill_block)
             prefill_seconds = time.perf_counter() - started
-            started = time.perf_counter()
+            started = last_token = time.perf_counter()
             while len(generated) < max_new_tokens:
                 if keep_logits:
                     kept_logits.append(logits.float().cpu())
                 token = sampler(logits)
                 generated.append(token)
+                if metrics is not None:  # the token's decode time: since the previous token (or the prefill)
+                    now = time.perf_counter()
+                    metrics.token_generated(now - last_token)
+                    last_token = now
                 if on_token is not None and on_token(token):
                     break
                 if eos_token_ids and token in eos_token_ids:
@@ -72,6 +82,8 @@ class EvictingGenerator:
                 logits = session.decode(token)
             decode_seconds = time.perf_counter() - started
             summary = summarize(session, len(prompt), len(generated), prefill_seconds, decode_seconds)
+            if metrics is not None:
+                metrics.generation_done(len(generated), decode_seconds)
         finally:
             session.close()
         return GenerationResult(token_ids=generated, summary=summary, step_logits=kept_logits)

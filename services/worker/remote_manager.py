@@ -33,7 +33,8 @@ class RemoteManagerClient:
     """`ManagerClient` over a gRPC channel to `address` (host:port)."""
 
     def __init__(self, address: str, timeout_s: float = 5.0, retries: int = 3, backoff_s: float = 0.1,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, on_retry: Callable[[], None] | None = None) -> None:
+        """`on_retry`, when given, is called before every retry (the worker's retry counter)."""
         if timeout_s <= 0:
             raise ValueError(f"manager timeout must be > 0 s, got {timeout_s}")
         if retries < 0:
@@ -43,6 +44,7 @@ class RemoteManagerClient:
         self.retries = retries
         self.backoff_s = backoff_s
         self.retries_made = 0
+        self._on_retry = on_retry
         self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
         self._stub = pb_grpc.CacheManagerServiceStub(self._channel)
 
@@ -71,6 +73,8 @@ class RemoteManagerClient:
                         f"manager at {self.address} unreachable after {attempt + 1} tries: "
                         f"{code.name}: {error.details()}") from error
                 self.retries_made += 1
+                if self._on_retry is not None:
+                    self._on_retry()
                 # Full jitter keeps many workers from retrying in lockstep after a manager restart.
                 time.sleep(random.uniform(0, self.backoff_s * 2**attempt))
         raise AssertionError("unreachable")

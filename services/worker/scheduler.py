@@ -31,6 +31,7 @@ class ModelScheduler:
                                             initializer=initializer)
         self._lock = threading.Lock()
         self._admitted = 0  # running + waiting
+        self._running = 0
         self._closed = False
 
     @property
@@ -38,6 +39,12 @@ class ModelScheduler:
         """Jobs running or waiting."""
         with self._lock:
             return self._admitted
+
+    @property
+    def waiting(self) -> int:
+        """Jobs waiting behind the running one (the queue depth)."""
+        with self._lock:
+            return self._admitted - self._running
 
     def submit(self, job: Callable[[], T]) -> Future[T]:
         """Queues `job`; raises QueueFull when max_queue jobs already wait behind a running one.
@@ -52,16 +59,23 @@ class ModelScheduler:
                                 f"(max queue {self.max_queue})")
             self._admitted += 1
         try:
-            future = self._executor.submit(job)
+            future = self._executor.submit(self._run, job)
         except RuntimeError as error:  # the executor shut down between the check and the submit
             self._job_done(None)
             raise QueueFull("the worker is shutting down") from error
         future.add_done_callback(self._job_done)
         return future
 
-    def _job_done(self, _future) -> None:
+    def _run(self, job: Callable[[], T]) -> T:
+        with self._lock:
+            self._running += 1
+        return job()
+
+    def _job_done(self, future: Future | None) -> None:
         with self._lock:
             self._admitted -= 1
+            if future is not None and not future.cancelled():  # it ran (a future not cancelled did)
+                self._running -= 1
 
     def close(self, wait: bool = True) -> None:
         """Refuses new jobs, drops the waiting ones and (with wait) waits for the running one."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from kvevict.worker.cache_session import CacheSession, EvictionSettings, Forward
 from kvevict.worker.generator import summarize
 from kvevict.worker.summary import EvictionSummary
 from kvevict.worker.manager_client import ManagerClient
+
+if TYPE_CHECKING:
+    from kvevict.worker.metrics import WorkerMetrics
 
 
 @dataclass
@@ -25,7 +29,8 @@ class ScoreResult:
 
 
 def score_tokens(model: torch.nn.Module, manager: ManagerClient, settings: EvictionSettings,
-                 token_ids: torch.Tensor, observer: ForwardObserver | None = None) -> ScoreResult:
+                 token_ids: torch.Tensor, observer: ForwardObserver | None = None,
+                 metrics: WorkerMetrics | None = None) -> ScoreResult:
     """Feeds `token_ids` (n >= 2) block by block with eviction; returns each next token's log-prob."""
     token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     if token_ids.numel() < 2:
@@ -43,7 +48,7 @@ def score_tokens(model: torch.nn.Module, manager: ManagerClient, settings: Evict
         pieces.append(logprobs.gather(1, wanted[:, None])[:, 0].cpu())
         scored += count
 
-    session = CacheSession(model, manager, settings, observer=observer)
+    session = CacheSession(model, manager, settings, observer=observer, metrics=metrics)
     try:
         started = time.perf_counter()
         session.prefill(token_ids, on_block_logits=take)

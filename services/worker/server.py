@@ -20,7 +20,9 @@ deadline, shutdown) stops the generation at its next token; the generator then c
 manager session. Score runs to completion once started (it has no per-token hook).
 
 Health (grpc.health.v1) is NOT_SERVING while the model loads and SERVING from then on for ""
-and "kvevict.v1.WorkerService"; reflection lists WorkerService and Health.
+and "kvevict.v1.WorkerService"; reflection lists WorkerService and Health. Prometheus metrics
+(kvevict.worker.metrics) are served over HTTP on `metrics_port` (0: a free one, -1: none), on the
+same host as gRPC, from before the model loads.
 """
 
 from __future__ import annotations
@@ -44,12 +46,14 @@ from kvevict.cache_manager.errors import Aborted, InvalidArgument, ManagerError,
 from kvevict.logs import log_event
 from kvevict.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, server_options
 from kvevict.grpc_server import ServiceHealth, bind
+from kvevict.metrics import DISABLED_PORT, MetricsServer, check_metrics_port
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import worker_pb2, worker_pb2_grpc
 from kvevict.worker import prompts
 from kvevict.worker.generator import EvictingGenerator
 from kvevict.worker.summary import EvictionSummary
 from kvevict.worker.manager_client import EmbeddedManagerClient, ManagerClient
+from kvevict.worker.metrics import WorkerMetrics
 from kvevict.worker.model_loader import default_threads, geometry_of, load_model
 from kvevict.worker.prompts import ErrorKind, EvictionDefaults, Limits, RequestError
 from kvevict.worker.remote_manager import ManagerUnavailable, RemoteManagerClient
@@ -63,6 +67,10 @@ SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 _KIND_CODES = {ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
                ErrorKind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
                ErrorKind.PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION}
+# The `outcome` of kvevict_worker_requests_total of a failed request, by its status code (else
+# "error"); the model still loading or the worker shutting down are "rejected" (see _runtime).
+_CODE_OUTCOMES = {grpc.StatusCode.CANCELLED: "cancelled", grpc.StatusCode.INVALID_ARGUMENT: "invalid",
+                  grpc.StatusCode.FAILED_PRECONDITION: "invalid", grpc.StatusCode.RESOURCE_EXHAUSTED: "rejected"}
 
 
 @dataclass(frozen=True)
@@ -84,8 +92,10 @@ class WorkerConfig:
     max_queue: int = 16  # requests waiting behind the running one
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_s: float = 10.0
+    metrics_port: int = 9465  # Prometheus /metrics; 0 = any free port, -1 = none
 
     def __post_init__(self) -> None:
+        check_metrics_port(self.metrics_port)
         for name in ("port", "max_queue", "grace_s", "manager_retries"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -151,12 +161,13 @@ class TrackingManagerClient:
             close()
 
 
-def make_manager(config: WorkerConfig) -> TrackingManagerClient:
+def make_manager(config: WorkerConfig, metrics: WorkerMetrics | None = None) -> TrackingManagerClient:
     if config.manager == "embedded":
         return TrackingManagerClient(EmbeddedManagerClient())
     return TrackingManagerClient(RemoteManagerClient(config.manager, timeout_s=config.manager_timeout_s,
                                                      retries=config.manager_retries,
-                                                     max_message_bytes=config.max_message_bytes))
+                                                     max_message_bytes=config.max_message_bytes,
+                                                     on_retry=None if metrics is None else metrics.retried))
 
 
 def summary_to_proto(summary: EvictionSummary) -> worker_pb2.EvictionSummary:
@@ -199,6 +210,7 @@ class _Job:
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
     tokens: int = 0  # generated so far
+    outcome: str | None = None  # how the call ended, once known (counted once)
 
     def check(self, _=None) -> None:
         if self.cancel.is_set():
@@ -216,16 +228,29 @@ class _Job:
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     """Validate, queue for the model, stream back; errors become status codes."""
 
-    def __init__(self, config: WorkerConfig, manager: TrackingManagerClient, scheduler: ModelScheduler) -> None:
+    def __init__(self, config: WorkerConfig, manager: TrackingManagerClient, scheduler: ModelScheduler,
+                 metrics: WorkerMetrics | None = None) -> None:
         self.config = config
         self.manager = manager
         self.scheduler = scheduler
+        self.metrics = metrics
         self.runtime: ModelRuntime | None = None  # set once the model is loaded
         self.stopping = False
 
     # -- Generate -------------------------------------------------------------------------
     async def Generate(self, request: worker_pb2.GenerateRequest, context):
         job = _Job(request_id=uuid.uuid4().hex[:12])
+        responses = self._generate(job, request, context)
+        try:
+            async for response in responses:
+                yield response
+        except BaseException as error:
+            self._settle(job, "generate", _unsettled_outcome(error))
+            raise
+        finally:
+            await responses.aclose()
+
+    async def _generate(self, job: _Job, request: worker_pb2.GenerateRequest, context):
         runtime = await self._runtime(context, job, "generate")
         limits = self.config.limits
 
@@ -256,7 +281,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 emit(_Delta(text.push(token_id), token_id))
                 return text.stopped  # a stop string completed: end after this token
 
-            result = EvictingGenerator(runtime.model, self.manager, settings).generate(
+            result = EvictingGenerator(runtime.model, self.manager, settings, metrics=self.metrics).generate(
                 prompt, max_new_tokens, sampling, eos_token_ids=set(runtime.eos_token_ids), on_prefill_block=job.check,
                 on_token=on_token)
             if text.stopped:
@@ -288,12 +313,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                   queue_s=f"{job.queue_seconds:.3f}", prefill_s=f"{outcome.summary.prefill_seconds:.3f}",
                   decode_s=f"{outcome.summary.decode_seconds:.3f}", evicted=sum(outcome.summary.evicted_per_layer),
                   manager_fallback=outcome.summary.manager_fallback)
+        self._settle(job, "generate", "ok")
         yield worker_pb2.GenerateResponse(text=outcome.tail, finish_reason=outcome.finish_reason,
                                           summary=summary_to_proto(outcome.summary))
 
     # -- Score ----------------------------------------------------------------------------
     async def Score(self, request: worker_pb2.ScoreRequest, context) -> worker_pb2.ScoreResponse:
         job = _Job(request_id=uuid.uuid4().hex[:12])
+        try:
+            return await self._score(job, request, context)
+        except BaseException as error:
+            self._settle(job, "score", _unsettled_outcome(error))
+            raise
+
+    async def _score(self, job: _Job, request: worker_pb2.ScoreRequest, context) -> worker_pb2.ScoreResponse:
         runtime = await self._runtime(context, job, "score")
         def inputs():
             return (prompts.score_ids(request, runtime.tokenizer, runtime.vocab_size, self.config.limits),
@@ -306,7 +339,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
         def score():
             job.begin()
-            return score_tokens(runtime.model, self.manager, settings, token_ids)
+            return score_tokens(runtime.model, self.manager, settings, token_ids, metrics=self.metrics)
 
         future = await self._submit(context, job, "score", self._logged(job, "score", score))
         log_event(log, logging.INFO, "score.queued", request=job.request_id, tokens=token_ids.numel(),
@@ -328,6 +361,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                   tokens=token_ids.numel(), queue_s=f"{job.queue_seconds:.3f}",
                   seconds=f"{result.summary.prefill_seconds:.3f}", perplexity=f"{result.perplexity:.4f}",
                   evicted=sum(result.summary.evicted_per_layer), manager_fallback=result.summary.manager_fallback)
+        self._settle(job, "score", "ok")
         return worker_pb2.ScoreResponse(token_logprobs=wire.encode(logprobs.numpy()), total_logprob=total,
                                         perplexity=result.perplexity, scored_tokens=logprobs.numel(),
                                         summary=summary_to_proto(result.summary))
@@ -335,9 +369,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     # -- shared ---------------------------------------------------------------------------
     async def _runtime(self, context, job: _Job, method: str) -> ModelRuntime:
         if self.stopping:
-            await self._abort(context, job, method, grpc.StatusCode.UNAVAILABLE, "the worker is shutting down")
+            await self._abort(context, job, method, grpc.StatusCode.UNAVAILABLE, "the worker is shutting down",
+                              outcome="rejected")
         if self.runtime is None:
-            await self._abort(context, job, method, grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+            await self._abort(context, job, method, grpc.StatusCode.UNAVAILABLE, "the model is still loading",
+                              outcome="rejected")
         return self.runtime
 
     async def _submit(self, context, job: _Job, method: str, run: Callable[[], object]) -> Future:
@@ -370,8 +406,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     async def _outcome(self, context, job: _Job, method: str, future: Future):
         """The finished job's result, or an abort with the status of its failure."""
-        if future.cancelled():
-            await self._abort(context, job, method, grpc.StatusCode.UNAVAILABLE, "the worker is shutting down")
+        if future.cancelled():  # dropped from the queue by a shutdown
+            await self._abort(context, job, method, grpc.StatusCode.UNAVAILABLE, "the worker is shutting down",
+                              outcome="cancelled")
         error = future.exception()
         if error is None:
             return future.result()
@@ -380,7 +417,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             log.error("%s", f"event={method}.internal request={job.request_id}", exc_info=error)
         await self._abort(context, job, method, code, details)
 
-    async def _abort(self, context, job: _Job, method: str, code: grpc.StatusCode, details: str):
+    def _settle(self, job: _Job, method: str, outcome: str) -> None:
+        """Counts how the call ended, once (the first outcome known wins)."""
+        if job.outcome is None:
+            job.outcome = outcome
+            if self.metrics is not None:
+                self.metrics.request_done(method, outcome)
+
+    async def _abort(self, context, job: _Job, method: str, code: grpc.StatusCode, details: str,
+                     outcome: str | None = None):
+        self._settle(job, method, outcome or _CODE_OUTCOMES.get(code, "error"))
         if code != grpc.StatusCode.INTERNAL:
             log_event(log, logging.INFO, f"{method}.rejected", request=job.request_id, code=code.name, error=details)
         await context.abort(code, details)
@@ -393,6 +439,11 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
         loop.call_soon_threadsafe(callback, *args)
     except RuntimeError:
         pass
+
+
+def _unsettled_outcome(error: BaseException) -> str:
+    """The outcome of a call that ended without one: the client went away, or a bug."""
+    return "cancelled" if isinstance(error, (asyncio.CancelledError, GeneratorExit)) else "error"
 
 
 def _resolve(future: asyncio.Future) -> None:
@@ -426,18 +477,28 @@ class WorkerServer:
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self.manager = make_manager(config)
         threads = config.threads or default_threads()
         # Intra-op threads are set on the model thread itself (OpenMP settings are per thread).
         self.scheduler = ModelScheduler(config.max_queue, initializer=lambda: torch.set_num_threads(threads))
-        self.servicer = WorkerServicer(config, self.manager, self.scheduler)
-        self.server = grpc.aio.server(options=server_options(config.max_message_bytes))
+        self.metrics = None
+        self.metrics_server = None
+        if config.metrics_port != DISABLED_PORT:
+            self.metrics = WorkerMetrics(queue_depth=lambda: self.scheduler.waiting)
+            self.metrics_server = MetricsServer(self.metrics.registry)
+        self.manager = make_manager(config, self.metrics)
+        self.servicer = WorkerServicer(config, self.manager, self.scheduler, self.metrics)
+        interceptors = [] if self.metrics is None else [self.metrics.rpcs.interceptor()]
+        self.server = grpc.aio.server(options=server_options(config.max_message_bytes), interceptors=interceptors)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.servicer, self.server)
         self.health = ServiceHealth(self.server, SERVICE_NAME)
         self.port = 0
+        self.metrics_port = DISABLED_PORT
 
     async def start(self) -> int:
+        """Binds gRPC, then the metrics port (OSError if either is taken), and starts serving."""
         self.port = bind(self.server, self.config.host, self.config.port)
+        if self.metrics_server is not None:
+            self.metrics_port = self.metrics_server.start(self.config.host, self.config.metrics_port)
         await self.health.set(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         return self.port
@@ -462,6 +523,8 @@ class WorkerServer:
         await self.server.stop(self.config.grace_s if grace_s is None else grace_s)
         await asyncio.to_thread(self.scheduler.close)
         self.manager.close()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
 
 
 async def serve(config: WorkerConfig) -> int:
@@ -473,7 +536,9 @@ async def serve(config: WorkerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     port = await server.start()
-    log_event(log, logging.INFO, "worker.listening", host=config.host, port=port, model=config.model)
+    metrics_port = None if server.metrics_server is None else server.metrics_port
+    log_event(log, logging.INFO, "worker.listening", host=config.host, port=port, metrics_port=metrics_port,
+              model=config.model)
     load = asyncio.ensure_future(server.load())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait((load, stopped), return_when=asyncio.FIRST_COMPLETED)
@@ -485,7 +550,8 @@ async def serve(config: WorkerConfig) -> int:
             status = 1
         else:
             runtime = load.result()
-            log_event(log, logging.INFO, "worker.ready", host=config.host, port=port, model=config.model,
+            log_event(log, logging.INFO, "worker.ready", host=config.host, port=port, metrics_port=metrics_port,
+                      model=config.model,
                       device=config.device, dtype=config.dtype, manager=config.manager,
                       fail_open=config.eviction.fail_open, layers=runtime.geometry.num_layers,
                       kv_heads=runtime.geometry.num_kv_heads, vocab=runtime.vocab_size, max_queue=config.max_queue)
