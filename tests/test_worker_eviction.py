@@ -62,3 +62,15 @@ def test_eviction_changes_the_output():
     with torch.no_grad():
         full = model(input_ids=prompt[None]).logits[0, -1]
     assert (got[0] - full).abs().max().item() > 1e-3
+
+
+# PyramidKV's top layer keeps (B - recent) / 20 + recent: B = 64 leaves room for the protected 6.
+@pytest.mark.parametrize("allocator,budget", [("pyramid", 64), ("adaptive", 24)])
+def test_pruned_cache_equals_masked_full_cache_under_non_uniform_allocators(allocator, budget):
+    model = model_from_config(tiny_config("llama"), seed=5)
+    settings = _settings("tova", "caote", budget=budget)
+    settings.budget.allocator = allocator
+    got, expected, result = _run_and_replay(model, EmbeddedManagerClient(), settings)
+    assert sum(result.summary.layer_budgets) == 3 * budget
+    assert len(set(result.summary.layer_budgets)) > 1  # budgets really differ between layers
+    assert (got - expected).abs().max().item() < 1e-4

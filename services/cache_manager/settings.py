@@ -45,7 +45,7 @@ class SessionSettings:
         return make_policy(base, self.wrapper)
 
     def allocator(self) -> BudgetAllocator:
-        return make_allocator(self.allocator_name, self.budget_tokens)
+        return make_allocator(self.allocator_name, self.budget_tokens, self.sink, self.recent, self.wrapper)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -68,15 +68,17 @@ def settings_from_request(request: pb.OpenSessionRequest) -> SessionSettings:
     dtype = request.statistics_dtype or tensor_pb2.DTYPE_FLOAT16
     if dtype not in STATISTICS_DTYPES:
         raise InvalidArgument("statistics_dtype", f"must be DTYPE_FLOAT16 or DTYPE_FLOAT32, got {dtype}")
+    # Name and tokens first; the allocator is rebuilt below with the resolved protection and wrapper.
     allocator = make_allocator(request.budget.allocator, request.budget.tokens)
-    budgets = allocator.initial_budgets(geometry)
     spec = request.policy
     base = make_base(spec.base, window=spec.window, pool_kernel=spec.pool_kernel, seed=spec.seed)
     policy = make_policy(base, spec.wrapper)
     sink = spec.sink_tokens if spec.HasField("sink_tokens") else base.default_sink
     # Defaults that depend on the budget use the average budget (uniform: every layer's).
     recent = spec.recent_tokens if spec.HasField("recent_tokens") else base.default_recent(allocator.tokens)
-    validate_protection(sink, recent, budgets)
+    allocator = make_allocator(allocator.name, allocator.tokens, sink, recent, policy.name)
+    # Every layer's budget (pyramid: the smallest, top layer) must leave room for sink + recent.
+    validate_protection(sink, recent, allocator.initial_budgets(geometry))
     return SessionSettings(
         geometry=geometry,
         base=base.name,
