@@ -34,8 +34,6 @@ class EmbeddedManagerClient:
 
     def __init__(self, core: ManagerCore | None = None) -> None:
         self.core = core or ManagerCore(InMemoryStateStore())
-        self.bytes_sent = 0
-        self.bytes_received = 0
 
     def open_session(self, request: pb.OpenSessionRequest) -> pb.OpenSessionResponse:
         return self._call(self.core.open_session, request, pb.OpenSessionResponse)
@@ -47,9 +45,5 @@ class EmbeddedManagerClient:
         return self._call(self.core.close_session, request, pb.CloseSessionResponse)
 
     def _call(self, handler, request: Message, response_type: type[M]) -> M:
-        wire_request = request.SerializeToString()
-        self.bytes_sent += len(wire_request)
-        response = handler(type(request).FromString(wire_request))
-        wire_response = response.SerializeToString()
-        self.bytes_received += len(wire_response)
-        return response_type.FromString(wire_response)
+        response = handler(type(request).FromString(request.SerializeToString()))
+        return response_type.FromString(response.SerializeToString())

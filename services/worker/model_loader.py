@@ -6,7 +6,7 @@ import copy
 import os
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.worker.attention import ATTN_IMPLEMENTATION
@@ -72,7 +72,3 @@ def geometry_of(model_or_config: PreTrainedModel | PretrainedConfig) -> pb.Model
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // query_heads
     return pb.ModelGeometry(num_layers=text.num_hidden_layers, num_kv_heads=kv_heads,
                             num_query_heads=query_heads, head_dim=head_dim)
-
-
-def load_config(name_or_path: str) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(name_or_path)
