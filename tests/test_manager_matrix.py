@@ -13,7 +13,7 @@ from tests.test_manager_support import (
     assert_top_selection, open_request, reference_caote, reference_max_pool, start,
 )
 
-BASES = ["h2o", "tova", "snapkv", "keydiff", "streaming", "random"]
+BASES = ["h2o", "tova", "snapkv", "keydiff", "streaming", "random", "valuenorm"]
 WRAPPERS = ["none", "caote", "fastcaote"]
 BUDGET = 24
 SINK = 2
@@ -28,6 +28,7 @@ BASE_STATISTICS = {
     "keydiff": [(S.STATISTIC_KEY_COSINE, 0)],
     "streaming": [],
     "random": [],
+    "valuenorm": [(S.STATISTIC_VALUE_DEV_MEAN, 0)],
 }
 CAOTE_REFERENCE = {
     "h2o": (S.STATISTIC_VALUE_DEV_RUNNING, 0),
@@ -36,6 +37,7 @@ CAOTE_REFERENCE = {
     "keydiff": (S.STATISTIC_VALUE_DEV_WINDOW, 1),
     "streaming": (S.STATISTIC_VALUE_DEV_WINDOW, 1),
     "random": (S.STATISTIC_VALUE_DEV_WINDOW, 1),
+    "valuenorm": (S.STATISTIC_VALUE_DEV_WINDOW, 1),
 }
 # (new tokens, phase): below budget first, then over it in prefill and decode.
 STEPS = [(20, pb.PHASE_PREFILL), (16, pb.PHASE_PREFILL), (4, pb.PHASE_DECODE), (4, pb.PHASE_DECODE),
@@ -62,6 +64,8 @@ def expected_scores(base, wrapper, stats, accumulated, positions, sequence, laye
     elif base == "streaming":
         score = positions.astype(np.float64)
         attention = score - score.min(axis=-1, keepdims=True) + 1.0
+    elif base == "valuenorm":
+        score = attention = stats[(S.STATISTIC_VALUE_DEV_MEAN, 0)]
     else:
         score = attention = np.random.default_rng([7, sequence, layer]).random(positions.shape)
     if wrapper == "none":

@@ -1,0 +1,28 @@
+"""Value norm: keep the tokens whose value vectors stand out from the mean cached value.
+
+A control rather than a method: it ignores attention and keys, so a task on which it does well
+lets eviction pick the answer-bearing tokens by what they hold alone, not by how they are used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvevict.cache_manager.policies.base import BasePolicy, LayerContext
+from kvevict.cache_manager.statistics import VALUE_DEV_MEAN, StatisticRequirement
+
+_VALUE_DEV_MEAN = StatisticRequirement(VALUE_DEV_MEAN)
+
+
+@dataclass(frozen=True)
+class ValueNorm(BasePolicy):
+    name = "valuenorm"
+    description = "||v_j - mean v|| alone (a value-only control: no attention, no keys)"
+
+    def required_statistics(self) -> tuple[StatisticRequirement, ...]:
+        return (_VALUE_DEV_MEAN,)
+
+    def score(self, ctx: LayerContext) -> np.ndarray:
+        return ctx.statistics[_VALUE_DEV_MEAN]
