@@ -68,15 +68,22 @@ def test_pyramid_through_the_manager_keeps_each_layer_budget() -> None:
     assert [p.shape[1] for p in session.positions] == [35, 24, 13]
 
 
-@pytest.mark.parametrize("sink,recent,field", [
-    (4, 8, "policy.recent_tokens"),  # top layer 24 - 16 * 0.95 ~ 9 <= sink + recent
-    (0, 24, "budget.tokens"),  # no room for the schedule at all
-])
-def test_pyramid_rejects_protection_the_top_layer_cannot_hold(sink: int, recent: int, field: str) -> None:
+def test_pyramid_window_holds_sinks_and_recent_tokens_in_every_layer() -> None:
+    # w = 4 + 8: top layer 12 + 12 / 20 -> 13 (PyramidKV's minimum above the window), so even the
+    # smallest layer keeps every protected token and scores at least one more.
+    session = start(open_request("h2o", budget=24, sink=4, recent=8, allocator="pyramid", num_layers=3))
+    assert list(session.opened.layer_budgets) == pyramid_budgets(24, 3, 12) == [35, 24, 13]
+    # Streaming's 4 sinks at 5% of a 1024-token context: the top layer keeps 4 + 47 / 20 -> 6.
+    session = start(open_request("streaming", budget=51, allocator="pyramid", num_layers=4))
+    assert list(session.opened.layer_budgets) == [96, 66, 36, 6]
+
+
+@pytest.mark.parametrize("sink,recent", [(0, 24), (8, 16), (12, 20)])
+def test_pyramid_rejects_protection_that_leaves_no_room(sink: int, recent: int) -> None:
     session_request = open_request("h2o", budget=24, sink=sink, recent=recent, allocator="pyramid", num_layers=3)
     with pytest.raises(InvalidArgument) as raised:
         start(session_request)
-    assert raised.value.field == field
+    assert raised.value.field == "budget.tokens"
 
 
 # --- adaptive --------------------------------------------------------------------------------

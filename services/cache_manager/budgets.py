@@ -1,7 +1,7 @@
 """Per-layer budgets: allocators turn a BudgetSpec into the tokens each layer keeps per KV head.
 
 Every allocator keeps the same total, num_layers x tokens. `uniform` gives every layer `tokens`;
-`pyramid` (PyramidKV) fixes a linear schedule at open from the geometry and the protected recent
+`pyramid` (PyramidKV) fixes a linear schedule at open from the geometry and the protected
 tokens; `adaptive` ranks the scores of every layer at once, so it sets `needs_scores` and gets
 them (all layers, computed before any selection) in `allocate`. It only runs with a CAOTE-family
 wrapper, whose scores are output-error units comparable across layers.
@@ -63,7 +63,8 @@ class Uniform(BudgetAllocator):
 class Pyramid(BudgetAllocator):
     """PyramidKV's linear schedule (arXiv 2406.02069), the total of `uniform`.
 
-    With B = tokens, w = the protected recent tokens and beta = PYRAMID_BETA: min = (B - w) / beta,
+    With B = tokens, w = the protected tokens (sink + recent: kept in every layer, as PyramidKV keeps
+    its window) and beta = PYRAMID_BETA: min = (B - w) / beta,
     max = 2 (B - w) - min, layer l of L gets w + max - l (max - min) / (L - 1). The exact values
     average B; they are rounded down and the remainder goes, one token each, to the layers with
     the largest fractional parts (ties: the lower layer), so the total is exactly L x B and the
@@ -71,10 +72,10 @@ class Pyramid(BudgetAllocator):
     """
 
     name = "pyramid"
-    description = "PyramidKV linear schedule (beta 20, window = recent_tokens): more in lower layers, same total"
+    description = "PyramidKV linear schedule (beta 20, window = sink + recent tokens): more in lower layers, same total"
 
     def initial_budgets(self, geometry: Geometry) -> list[int]:
-        return pyramid_budgets(self.tokens, geometry.num_layers, self.recent)
+        return pyramid_budgets(self.tokens, geometry.num_layers, self.sink + self.recent)
 
 
 PYRAMID_BETA = 20  # PyramidKV's beta: the top layer keeps (tokens - window) / beta + window
@@ -85,7 +86,7 @@ def pyramid_budgets(tokens: int, num_layers: int, window: int, beta: int = PYRAM
     if num_layers <= 1:
         return [tokens] * num_layers
     if window >= tokens:
-        raise InvalidArgument("budget.tokens", f"pyramid needs tokens above the {window} recent tokens, got {tokens}")
+        raise InvalidArgument("budget.tokens", f"pyramid needs tokens above the {window} protected (sink + recent) tokens, got {tokens}")
     free, last = tokens - window, num_layers - 1
     # w + max - l (max - min) / (L - 1) = w + free ((2 beta - 1)(L - 1) - 2 l (beta - 1)) / (beta (L - 1))
     denominator = beta * last
