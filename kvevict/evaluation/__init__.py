@@ -1,0 +1,1 @@
+"""Eviction quality: tasks, the runner that measures a configuration, the benchmark grid and its reports."""
