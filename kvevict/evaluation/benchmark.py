@@ -158,9 +158,11 @@ class Measurer:
         started = time.perf_counter()
         if task == RETRIEVAL:
             outcomes = [evaluate_retrieval(loaded.model, settings, example) for example in prompts]
-            asked = sum(o.asked for o in outcomes)
-            row = replace(row, accuracy=sum(o.answered for o in outcomes) / asked,
-                          needle_kept=float(np.mean([o.needle_kept for o in outcomes])))
+            correct = np.array([c for o in outcomes for c in o.correct], dtype=bool)
+            kept = np.array([k for o in outcomes for k in o.kept])
+            lost = kept == 0.0
+            row = replace(row, accuracy=float(correct.mean()), needle_kept=float(kept.mean()),
+                          answered_without_needle=float(correct[lost].mean()) if lost.any() else float("nan"))
         else:
             outcomes = [evaluate_text(loaded.model, settings, window, loaded.tokenizer) for window in prompts]
             nats, total_bytes = sum(o.nats for o in outcomes), sum(o.bytes for o in outcomes)

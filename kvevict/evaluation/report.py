@@ -34,6 +34,9 @@ class Row:
     examples: int  # prompts (retrieval) or windows (text)
     accuracy: float = math.nan  # retrieval: questions answered exactly / asked
     needle_kept: float = math.nan  # retrieval: mean fraction of (layer, KV head) caches holding the answer
+    # retrieval: accuracy on the questions whose fact token no cache held (the answer survived
+    # only in other tokens' keys and values, or was guessed; chance is 1 / values)
+    answered_without_needle: float = math.nan
     bits_per_byte: float = math.nan  # text
     bpb_gap: float = math.nan  # text: bits per byte minus the full cache's on the same windows
     seconds: float = 0.0
