@@ -405,8 +405,9 @@ def _closure(requirements: list[str]) -> set[str]:
 # This project's modules, and the pseudo-module Cython extensions register.
 NOT_DISTRIBUTIONS = {"kvevict", "healthcheck", "loadgen", "tests", "cython_runtime"}
 # Imported when present, skipped when not: grpc tries `grpc_tools` (protos at run time),
-# transformers `scipy` (object-detection losses); both come with the dev extra here.
-OPTIONAL_DISTRIBUTIONS = {"grpcio-tools", "scipy"}
+# transformers `scipy` (object-detection losses) and `PIL` (image utilities); the dev extra
+# brings all three here (pillow with matplotlib, for the benchmark's plots).
+OPTIONAL_DISTRIBUTIONS = {"grpcio-tools", "scipy", "pillow"}
 
 
 def _imported_distributions(code: str) -> set[str]:
