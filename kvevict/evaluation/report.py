@@ -125,15 +125,23 @@ def policy_order(rows: Sequence[Row]) -> list[str]:
     return list(seen)
 
 
-def markdown_table(rows: Sequence[Row], task: str, allocator: str = "uniform") -> str:
-    """Policies x budgets for one task and allocator (controls and the full cache included)."""
+TITLES = {
+    "accuracy": "accuracy (%)",
+    "needle_kept": "answer's fact token still cached when its question is read (% of layer x KV-head caches)",
+    "bpb_gap": "bits per byte above the full cache",
+}
+PERCENT_METRICS = ("accuracy", "needle_kept", "answered_without_needle")
+
+
+def markdown_table(rows: Sequence[Row], task: str, allocator: str = "uniform", metric: str | None = None) -> str:
+    """Policies x budgets for one task and allocator (controls and the full cache included);
+    `metric` defaults to the task's own (accuracy, or the bits-per-byte gap)."""
     rows = [r for r in rows if r.task == task]
-    metric = metric_of(task)
+    metric = metric or metric_of(task)
     cells = aggregate(rows, metric)
     budgets = sorted({r.budget_fraction for r in rows if r.budget_fraction < 1.0})
-    percent = task == RETRIEVAL
+    percent = metric in PERCENT_METRICS
     full = [c for (p, _, _), c in cells.items() if p == "full cache"]
-    title = "accuracy (%)" if percent else "bits per byte above the full cache"
     header = "| policy | " + " | ".join(f"{b:.0%}" for b in budgets) + " |"
     lines = [header, "|---|" + "---|" * len(budgets)]
     for policy in policy_order(rows):
@@ -145,13 +153,13 @@ def markdown_table(rows: Sequence[Row], task: str, allocator: str = "uniform") -
         lines.append(f"| {policy} | " + " | ".join(_format(cells.get((policy, chosen, b)), percent)
                                                 for b in budgets) + " |")
     note = ""
-    if full:
-        if percent:
-            note = f"Full cache: {_format(full[0], True)} % accuracy."
-        else:
-            bpb = aggregate([r for r in rows if r.policy == "full cache"], "bits_per_byte")
-            note = f"Full cache: {_format(next(iter(bpb.values())), False)} bits per byte."
-    return f"{title}, allocator `{allocator}`, mean ± standard deviation over seeds. {note}\n\n" + "\n".join(lines)
+    if full and metric == "accuracy":
+        note = f"Full cache: {_format(full[0], True)} % accuracy."
+    elif full and metric == "bpb_gap":
+        bpb = aggregate([r for r in rows if r.policy == "full cache"], "bits_per_byte")
+        note = f"Full cache: {_format(next(iter(bpb.values())), False)} bits per byte."
+    title = TITLES.get(metric, metric)
+    return f"{title}, allocator `{allocator}`, mean ± standard deviation over seeds. {note}".rstrip() + "\n\n" + "\n".join(lines)
 
 
 def markdown_allocators(rows: Sequence[Row], task: str, wrappers: Sequence[str] = ("caote", "fastcaote")) -> str:
@@ -161,7 +169,7 @@ def markdown_allocators(rows: Sequence[Row], task: str, wrappers: Sequence[str] 
     cells = aggregate(rows, metric)
     budgets = sorted({r.budget_fraction for r in rows})
     allocators = list(dict.fromkeys(r.allocator for r in rows))
-    percent = task == RETRIEVAL
+    percent = metric in PERCENT_METRICS
     lines = ["| policy | allocator | " + " | ".join(f"{b:.0%}" for b in budgets) + " |",
              "|---|---|" + "---|" * len(budgets)]
     for policy in policy_order(rows):
@@ -176,10 +184,11 @@ def markdown_effects(rows: Sequence[Row], task: str, wrapper: str, allocator: st
     """`wrapper` minus no wrapper per base and budget, paired by seed; `*` where the mean exceeds
     twice its standard error (sd / sqrt(seeds))."""
     rows = [r for r in rows if r.task == task]
-    cells = paired_differences(rows, metric_of(task), wrapper)
+    metric = metric_of(task)
+    cells = paired_differences(rows, metric, wrapper)
     budgets = sorted({b for (_, a, b) in cells if a == allocator})
     bases = list(dict.fromkeys(base for (base, a, _) in cells if a == allocator))
-    percent = task == RETRIEVAL
+    percent = metric in PERCENT_METRICS
     lines = ["| base | " + " | ".join(f"{b:.0%}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     for base in bases:
         out = []
