@@ -1,4 +1,4 @@
-"""`make demo` stays true: the demo script runs offline on the shipped checkpoint and evicts."""
+"""`make demo` stays true: the demo script runs offline on the shipped checkpoints and evicts."""
 
 from __future__ import annotations
 
@@ -11,16 +11,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_demo_runs_offline_and_evicts_with_a_prompt_longer_than_the_budget():
+def test_demo_runs_offline_and_evicts_with_prompts_longer_than_the_budget():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--max-new-tokens", "8"],
                          capture_output=True, text=True, env=env, timeout=300, check=True)
     out = run.stdout
-    assert "######## full cache" in out and "######## CAOTE + H2O, budget 96" in out
-    summaries = re.findall(r"tokens: (\d+) prompt \+ (\d+) generated", out)
+    retrieval, code = out.split("######## 2. Python code")
+    # Retrieval: a 1024-token prompt, budget 128, the full cache answers right, every evicting
+    # policy holds at most the budget when it answers.
+    prompt_tokens, budget = map(int, re.search(r"prompt: (\d+) tokens .* budget (\d+) tokens", retrieval).groups())
+    assert prompt_tokens > 7 * budget
+    rows = re.findall(r"^  (\S.*?)\s+(\S+) (right|wrong)\s+(\d+) of (\d+) heads\s+(\d+)$", retrieval, flags=re.M)
+    assert [r[0] for r in rows][:3] == ["full cache", "H2O", "CAOTE + H2O"] and len(rows) == 7
+    full = rows[0]
+    assert full[2] == "right" and full[3] == full[4] and int(full[5]) == prompt_tokens
+    for label, _, _, held, heads, cached in rows[1:]:
+        assert int(cached) <= budget and int(held) <= int(heads), label
+    # Code: the full cache and CAOTE + H2O at budget 96, which evicts in every layer.
+    assert "######## full cache" in code and "######## CAOTE + H2O, budget 96" in code
+    summaries = re.findall(r"tokens: (\d+) prompt \+ (\d+) generated", code)
     assert len(summaries) == 2
-    prompt_tokens = int(summaries[0][0])
-    assert prompt_tokens > 3 * 96  # several times the budget, so eviction really happens
-    evicting = out.split("######## CAOTE + H2O")[1]
+    assert int(summaries[0][0]) > 3 * 96
+    evicting = code.split("######## CAOTE + H2O")[1]
     evicted = [int(n) for n in re.findall(r"^\s+\d+\s+96\s+(\d+)\s+\d+\s+\d+$", evicting, flags=re.M)]
     assert evicted and all(n > 0 for n in evicted)
