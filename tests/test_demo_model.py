@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.script_loader import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 CKPT = REPO / "models" / "demo-py"
 SCRIPT = REPO / "scripts" / "train_demo_model.py"
 
-# Measured on the shipped checkpoint (CPython 3.11 stdlib): 4.09 nats/token on the first
-# four 512-token windows of the held-out textwrap.py (3.97 on the whole validation split).
+# Measured on the shipped checkpoint (CPython 3.11 stdlib): 3.71 nats/token on the first
+# four 512-token windows of the held-out textwrap.py (3.63 on the whole validation split).
 # References on the same split: ln(1024) = 6.93 for a uniform guess, 5.99 for a smoothed
 # unigram count model, 4.33 for a bigram one. 5.0 leaves ~0.9 nats of margin for other
 # CPython versions' textwrap.py and float noise, yet fails a model that has learned no more
@@ -26,16 +26,10 @@ SCRIPT = REPO / "scripts" / "train_demo_model.py"
 MAX_HELDOUT_LOSS = 5.0
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_demo_model", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 @pytest.fixture(scope="module")
 def script():
-    return _load_script()
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +116,9 @@ def test_smoke_training_writes_loadable_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "ckpt"
-    t = time.time()
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert time.time() - t < 90
     tok = AutoTokenizer.from_pretrained(out)
     m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     x = torch.tensor([[tok.bos_token_id] + tok.encode("def f(x):\n    return x\n")])
@@ -134,4 +126,7 @@ def test_smoke_training_writes_loadable_checkpoint(tmp_path):
         loss = m(input_ids=x, labels=x).loss.item()
     assert math.isfinite(loss)
     assert (out / "training_log.csv").read_text().startswith("step,")
-    assert json.loads((out / "training_summary.json").read_text())["smoke"] is True
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["smoke"] is True and summary["steps"] == 4  # a fixed handful of steps: seconds on any machine
+    # 128-token smoke windows: only the first position bucket fits
+    assert list(summary["val_loss_by_position"]) == ["1-64"] and math.isfinite(summary["val_loss_by_position"]["1-64"])

@@ -4,7 +4,6 @@ grid, short prompts. The CSV has a row for every combination asked for, with fin
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import subprocess
 import sys
@@ -14,17 +13,13 @@ import pytest
 
 from kvevict.evaluation import grid
 
+from tests.script_loader import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "quality.py"
 BUDGETS = ("0.25", "0.5")
 SEEDS = 2
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +88,7 @@ def test_tasks_run_apart_merge_into_the_same_outputs(run, tmp_path) -> None:
 
 
 def test_processes_measure_exactly_what_one_process_does(tmp_path) -> None:
-    quality = _load_script()
+    quality = load_script(SCRIPT)
     args = ["--context", "96", "--block-size", "32", "--budgets", "0.3", "--seeds", "2", "--examples", "1",
             "--questions", "2", "--windows", "1", "--bases", "h2o", "random", "--wrappers", "none", "caote",
             "--allocators", "uniform", "adaptive", "--no-controls", "--no-plots", "--no-progress"]
