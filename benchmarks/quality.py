@@ -88,8 +88,10 @@ def write_outputs(rows: list[report.Row], out: Path, plots: bool = True) -> list
             sections.append("### needle kept (retrieval)\n\n" + report.markdown_table(rows, task, metric="needle_kept"))
         for wrapper in ("caote", "fastcaote"):
             if any(r.task == task and r.wrapper == wrapper for r in rows):
-                sections.append(f"### {wrapper} minus no wrapper ({task}, paired by seed)\n\n"
-                                + report.markdown_effects(rows, task, wrapper))
+                better = "positive: more questions answered" if task == report.RETRIEVAL else \
+                    "positive: a larger gap, i.e. worse"
+                sections.append(f"### {wrapper} minus no wrapper ({task}, paired by seed)\n\n{better}; `*`: the mean "
+                                "exceeds twice its standard error\n\n" + report.markdown_effects(rows, task, wrapper))
         if any(r.task == task and r.wrapper in ("caote", "fastcaote") for r in rows):
             sections.append(f"### allocators ({task})\n\n" + report.markdown_allocators(rows, task))
         if plots:
