@@ -23,10 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from kvevict.evaluation import grid, report
-from kvevict.evaluation.benchmark import TASKS, Plan, run_plan
+from kvevict.evaluation.benchmark import TASKS, Measurer, Plan, run_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3, help="evaluation seeds 0..N-1")
     parser.add_argument("--examples", type=int, default=16, help="retrieval prompts per seed")
     parser.add_argument("--questions", type=int, default=8, help="questions per retrieval prompt")
+    parser.add_argument("--facts", type=int, default=None,
+                        help="facts per retrieval prompt, asked ones included (default: the task's density; "
+                             "more facts, more distractors)")
     parser.add_argument("--windows", type=int, default=8, help="text windows per seed")
     parser.add_argument("--bases", nargs="+", default=list(grid.BASES))
     parser.add_argument("--wrappers", nargs="+", default=list(grid.WRAPPERS), choices=grid.WRAPPERS)
@@ -72,7 +76,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
     return Plan(configs=tuple(configs), budgets=tuple(sorted(args.budgets)), seeds=tuple(range(args.seeds)),
                 tasks=tuple(args.tasks), retrieval_model=args.model or args.retrieval_model,
                 text_model=args.model or args.text_model, text_file=args.text_file, context_tokens=args.context,
-                block_size=args.block_size, examples=args.examples, questions=args.questions,
+                block_size=args.block_size, examples=args.examples, questions=args.questions, facts=args.facts,
                 windows=args.windows, device=args.device, dtype=args.dtype)
 
 
@@ -111,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"quality: error: {error}", file=sys.stderr)
         return 2
+    if plan.facts is not None and "retrieval" in plan.tasks:
+        try:  # one prompt now, rather than an error inside every worker process later
+            Measurer(plan).retrieval_task().example(np.random.default_rng(0), plan.context_tokens, plan.questions,
+                                                    facts=plan.facts)
+        except ValueError as error:
+            print(f"quality: error: --facts {plan.facts}: {error}", file=sys.stderr)
+            return 2
     total = len(plan.runs())
     started = time.perf_counter()
     with tqdm(total=total, unit="run", desc="quality", file=sys.stderr, disable=args.no_progress) as bar:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvevict.evaluation import grid
+from kvevict.evaluation.retrieval_task import RetrievalTask
 
 from tests.script_loader import load_script
 
@@ -45,6 +46,7 @@ def test_csv_has_a_row_for_every_combination(run) -> None:
     assert set(got) == expected
     for row in rows:
         if row["task"] == "retrieval":
+            assert int(row["facts"]) == RetrievalTask.load(ROOT / "models" / "retrieval").facts_for(128, 4)
             assert 0.0 <= float(row["accuracy"]) <= 1.0 and 0.0 <= float(row["needle_kept"]) <= 1.0
         else:
             assert math.isfinite(float(row["bits_per_byte"])) and math.isfinite(float(row["bpb_gap"]))
@@ -90,7 +92,7 @@ def test_tasks_run_apart_merge_into_the_same_outputs(run, tmp_path) -> None:
 def test_processes_measure_exactly_what_one_process_does(tmp_path) -> None:
     quality = load_script(SCRIPT)
     args = ["--context", "96", "--block-size", "32", "--budgets", "0.3", "--seeds", "2", "--examples", "1",
-            "--questions", "2", "--windows", "1", "--bases", "h2o", "random", "--wrappers", "none", "caote",
+            "--questions", "2", "--facts", "6", "--windows", "1", "--bases", "h2o", "random", "--wrappers", "none", "caote",
             "--allocators", "uniform", "adaptive", "--no-controls", "--no-plots", "--no-progress"]
     from kvevict.evaluation.benchmark import run_plan
 
@@ -101,7 +103,10 @@ def test_processes_measure_exactly_what_one_process_does(tmp_path) -> None:
         return sorted(tuple(None if isinstance(v, float) and math.isnan(v) else v for v in (getattr(r, k) for k in keys))
                       for r in rows)
 
-    one = measured(run_plan(plan, jobs=1))
+    rows = run_plan(plan, jobs=1)
+    assert {r.model for r in rows} == {"models/retrieval", "models/demo-py"}  # the same on every machine
+    assert {r.facts for r in rows if r.task == "retrieval"} == {6} and {r.facts for r in rows if r.task == "text"} == {0}
+    one = measured(rows)
     two = measured(run_plan(plan, jobs=2))
     assert one == two
 
@@ -110,6 +115,8 @@ def test_processes_measure_exactly_what_one_process_does(tmp_path) -> None:
     (["--budgets", "0"], "budget fractions"),
     (["--seeds", "0"], "--seeds"),
     (["--bases", "nope"], "unknown base policy"),
+    (["--facts", "200"], "--facts 200"),  # more facts than the retrieval model has keys
+    (["--facts", "3", "--questions", "4"], "--facts 3"),
 ])
 def test_bad_options_are_refused_with_a_message(flags, message) -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), "--no-progress", *flags], capture_output=True, text=True,

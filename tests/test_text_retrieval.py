@@ -44,3 +44,10 @@ def test_layout_needles_and_answers(task, context: int, questions: int) -> None:
 def test_a_context_too_small_for_the_facts_is_rejected(task) -> None:
     with pytest.raises(ValueError, match="do not fit"):
         task.example(np.random.default_rng(0), 40, 4)
+
+
+def test_an_explicit_fact_count_sets_the_distractors(task) -> None:
+    example = task.example(np.random.default_rng(3), 512, 2, facts=24)
+    assert example.fact_positions.size == 24 and len(example.questions) == 2
+    with pytest.raises(ValueError, match="cannot ask 4 questions of 3 facts"):
+        task.example(np.random.default_rng(0), 512, 4, facts=3)

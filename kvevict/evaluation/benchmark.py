@@ -32,6 +32,7 @@ from kvevict.evaluation.runner import (FULL_CACHE, FULL_CACHE_BUDGET, EvictionCo
 from kvevict.evaluation.text_retrieval import TextRetrievalTask
 
 TASKS = (RETRIEVAL, TEXT)
+REPOSITORY = Path(__file__).resolve().parents[2]  # the checkout, when running from one
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Plan:
     block_size: int = 64
     examples: int = 16  # retrieval prompts per seed
     questions: int = 8  # per retrieval prompt
+    facts: int | None = None  # per retrieval prompt (asked and distractors); None: the task's density
     windows: int = 8  # text windows per seed
     device: str = "cpu"
     dtype: str = "float32"
@@ -94,9 +96,21 @@ def text_windows(token_ids: torch.Tensor, length: int, count: int, seed: int) ->
 
 
 def retrieval_examples(task: RetrievalTask | TextRetrievalTask, context_tokens: int, questions: int, count: int,
-                       seed: int) -> list[RetrievalExample]:
+                       seed: int, facts: int | None = None) -> list[RetrievalExample]:
     rng = np.random.default_rng([seed, 11])
-    return [task.example(rng, context_tokens, questions) for _ in range(count)]
+    return [task.example(rng, context_tokens, questions, facts=facts) for _ in range(count)]
+
+
+def model_label(name: str) -> str:
+    """How results name a model: a hub id as given, a checkout's own checkpoint by its path in the
+    repository (`models/retrieval`), so that results read the same on every machine."""
+    path = Path(name)
+    if not path.exists():
+        return name
+    try:
+        return str(path.resolve().relative_to(REPOSITORY))
+    except ValueError:
+        return name
 
 
 # -- measuring --------------------------------------------------------------------------------
@@ -129,7 +143,7 @@ class Measurer:
             plan = self.plan
             if task == RETRIEVAL:
                 loaded.prompts[seed] = retrieval_examples(self.retrieval_task(), plan.context_tokens, plan.questions,
-                                                          plan.examples, seed)
+                                                          plan.examples, seed, plan.facts)
             else:
                 ids = torch.as_tensor(loaded.tokenizer(load_text(plan, plan.text_model), add_special_tokens=False,
                                                       verbose=False).input_ids, dtype=torch.long)
@@ -151,7 +165,7 @@ class Measurer:
             fraction, plan.context_tokens)
         settings = config.settings(budget, plan.block_size, seed=seed)
         name = plan.retrieval_model if task == RETRIEVAL else plan.text_model
-        row = Row(task=task, model=name, policy=config.name, base=config.base, wrapper=config.wrapper,
+        row = Row(task=task, model=model_label(name), policy=config.name, base=config.base, wrapper=config.wrapper,
                   allocator=config.allocator, budget_fraction=fraction,
                   budget_tokens=plan.context_tokens if budget == FULL_CACHE_BUDGET else budget,
                   context_tokens=plan.context_tokens, block_size=plan.block_size, seed=seed, examples=len(prompts))
@@ -161,7 +175,8 @@ class Measurer:
             correct = np.array([c for o in outcomes for c in o.correct], dtype=bool)
             kept = np.array([k for o in outcomes for k in o.kept])
             lost = kept == 0.0
-            row = replace(row, accuracy=float(correct.mean()), needle_kept=float(kept.mean()),
+            row = replace(row, facts=int(np.mean([e.fact_positions.size for e in prompts])),
+                          accuracy=float(correct.mean()), needle_kept=float(kept.mean()),
                           answered_without_needle=float(correct[lost].mean()) if lost.any() else float("nan"))
         else:
             outcomes = [evaluate_text(loaded.model, settings, window, loaded.tokenizer) for window in prompts]

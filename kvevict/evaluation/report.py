@@ -32,6 +32,7 @@ class Row:
     block_size: int
     seed: int
     examples: int  # prompts (retrieval) or windows (text)
+    facts: int = 0  # retrieval: facts per prompt, asked and distractors (0 for text)
     accuracy: float = math.nan  # retrieval: questions answered exactly / asked
     needle_kept: float = math.nan  # retrieval: mean fraction of (layer, KV head) caches holding the answer
     # retrieval: accuracy on the questions whose fact token no cache held (the answer survived

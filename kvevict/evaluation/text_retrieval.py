@@ -40,8 +40,11 @@ class TextRetrievalTask:
         return (self._encode(f"key {key:0{self.key_digits}d} ="), self._encode(f" {value:0{self.value_digits}d}"),
                 self._encode("\n"))
 
-    def example(self, rng: np.random.Generator, context_tokens: int, questions: int) -> RetrievalExample:
-        facts = max(questions, round(self.fact_density * context_tokens))
+    def example(self, rng: np.random.Generator, context_tokens: int, questions: int,
+                facts: int | None = None) -> RetrievalExample:
+        facts = max(questions, round(self.fact_density * context_tokens)) if facts is None else facts
+        if not 1 <= questions <= facts <= 10 ** self.key_digits:
+            raise ValueError(f"cannot ask {questions} questions of {facts} facts with {self.key_digits}-digit keys")
         keys = rng.choice(10 ** self.key_digits, facts, replace=False)
         values = rng.integers(0, 10 ** self.value_digits, facts)
         rendered = [self._fact(int(k), int(v)) for k, v in zip(keys, values)]
