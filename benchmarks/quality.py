@@ -142,7 +142,14 @@ def render(paths: list[Path], out: Path, plots: bool) -> int:
         print(f"quality: error: --from-csv: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
     rows = [row for path in paths for row in report.read_csv(path)]
-    keys = [(r.task, r.model, r.policy, r.allocator, r.budget_fraction, r.seed) for r in rows]
+    # Tables average a task's rows over seeds: they must all come from one setup.
+    for task in dict.fromkeys(r.task for r in rows):
+        setups = {(r.model, r.context_tokens, r.block_size, r.facts) for r in rows if r.task == task}
+        if len(setups) > 1:
+            listed = "; ".join(f"model {m}, context {c}, block {b}, facts {f}" for m, c, b, f in sorted(setups))
+            print(f"quality: error: --from-csv: {task} rows come from different setups ({listed})", file=sys.stderr)
+            return 2
+    keys = [(r.task, r.policy, r.allocator, r.budget_fraction, r.seed) for r in rows]
     if len(set(keys)) != len(keys):
         print("quality: error: --from-csv: the files measure the same run twice", file=sys.stderr)
         return 2

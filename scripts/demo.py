@@ -37,7 +37,7 @@ def retrieval_demo(model_dir: Path, context: int, budget: int, block: int, seed:
     from transformers.utils import logging as transformers_logging
 
     from kvevict.evaluation.retrieval_task import RetrievalTask
-    from kvevict.evaluation.runner import EvictionConfig, FULL_CACHE, FULL_CACHE_BUDGET
+    from kvevict.evaluation.runner import FULL_CACHE, FULL_CACHE_BUDGET, EvictionConfig, NeedleWatch
     from kvevict.worker.generator import EvictingGenerator
     from kvevict.worker.manager_client import EmbeddedManagerClient
     from kvevict.worker.model_loader import default_threads, load_model
@@ -60,18 +60,13 @@ def retrieval_demo(model_dir: Path, context: int, budget: int, block: int, seed:
     runs = [("full cache", FULL_CACHE, FULL_CACHE_BUDGET)]
     runs += [(label, EvictionConfig(base=base, wrapper=wrapper), budget) for label, base, wrapper in RETRIEVAL_POLICIES]
     for label, config, tokens in runs:
-        kept = []
-
-        def watch(positions, cached, kept=kept):  # which caches hold the needle when the question is read
-            if int(positions[-1]) == prompt.size - 1:
-                kept.append(sum(int((layer == needle).any(-1).sum()) for layer in cached))
-
+        watch = NeedleWatch(example)  # which caches hold the needle when the question is read
         generator = EvictingGenerator(model, EmbeddedManagerClient(), config.settings(tokens, block))
         result = generator.generate(torch.from_numpy(prompt), max_new_tokens=1, observer=watch)
         answer = tokenizer.decode(result.token_ids)
         mark = "right" if tuple(result.token_ids) == question.answer_ids else "wrong"
         caches = model.config.num_hidden_layers * model.config.num_key_value_heads
-        held = f"{kept[0]} of {caches} heads"
+        held = f"{round(watch.kept[0] * caches)} of {caches} heads"
         print(f"  {label:<16} {answer + ' ' + mark:<12} {held:<16} {max(result.summary.final_lengths):>12}")
     print("  one prompt; accuracy over 384 questions per policy and budget: docs/QUALITY.md")
 

@@ -87,6 +87,14 @@ def test_tasks_run_apart_merge_into_the_same_outputs(run, tmp_path) -> None:
     twice = subprocess.run([sys.executable, str(SCRIPT), "--from-csv", str(parts[0]), str(parts[0]), "--out",
                             str(tmp_path / "twice"), "--no-plots"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert twice.returncode == 2 and "same run twice" in twice.stderr
+    other = tmp_path / "other-facts.csv"  # the retrieval rows again, as if measured with more facts
+    header_fields = header.split(",")
+    column = header_fields.index("facts")
+    rows = [line.split(",") for line in parts[0].read_text().splitlines()[1:]]
+    other.write_text("\n".join([header, *(",".join(r[:column] + ["99"] + r[column + 1:]) for r in rows)]) + "\n")
+    mixed = subprocess.run([sys.executable, str(SCRIPT), "--from-csv", str(parts[0]), str(other), "--out",
+                            str(tmp_path / "mixed"), "--no-plots"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert mixed.returncode == 2 and "different setups" in mixed.stderr
 
 
 def test_processes_measure_exactly_what_one_process_does(tmp_path) -> None:

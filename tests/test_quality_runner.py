@@ -4,7 +4,6 @@ needles survived equals what the recent-window policy must keep."""
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -66,4 +65,3 @@ def test_text_full_cache_equals_the_plain_forward_loss(model) -> None:
     assert outcome.tokens == 149
     assert outcome.nats == pytest.approx(loss * 149, rel=1e-4)
     assert outcome.bytes == len(tokenizer.decode(window[1:].tolist()).encode())
-    assert outcome.bits_per_byte == pytest.approx(outcome.nats / math.log(2) / outcome.bytes)

@@ -122,11 +122,14 @@ class _Loaded:
 
 
 class Measurer:
-    """Loads each task's model once and measures runs on it (one per process)."""
+    """Loads each task's model, the retrieval task and the tokenized text once, and measures runs
+    on them (one per process)."""
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self._tasks: dict[str, _Loaded] = {}
+        self._retrieval_task: RetrievalTask | TextRetrievalTask | None = None
+        self._text_ids: torch.Tensor | None = None
 
     def _load(self, task: str) -> _Loaded:
         if task not in self._tasks:
@@ -145,17 +148,21 @@ class Measurer:
                 loaded.prompts[seed] = retrieval_examples(self.retrieval_task(), plan.context_tokens, plan.questions,
                                                           plan.examples, seed, plan.facts)
             else:
-                ids = torch.as_tensor(loaded.tokenizer(load_text(plan, plan.text_model), add_special_tokens=False,
-                                                      verbose=False).input_ids, dtype=torch.long)
-                loaded.prompts[seed] = text_windows(ids, plan.context_tokens, plan.windows, seed)
+                if self._text_ids is None:
+                    self._text_ids = torch.as_tensor(loaded.tokenizer(
+                        load_text(plan, plan.text_model), add_special_tokens=False, verbose=False).input_ids,
+                        dtype=torch.long)
+                loaded.prompts[seed] = text_windows(self._text_ids, plan.context_tokens, plan.windows, seed)
         return loaded.prompts[seed]
 
     def retrieval_task(self) -> RetrievalTask | TextRetrievalTask:
-        name = self.plan.retrieval_model
-        if Path(name, TASK_FILE).is_file():
-            return RetrievalTask.load(Path(name))
-        loaded = self._load(RETRIEVAL)
-        return TextRetrievalTask(loaded.tokenizer, load_text(self.plan, name))
+        if self._retrieval_task is None:
+            name = self.plan.retrieval_model
+            if Path(name, TASK_FILE).is_file():
+                self._retrieval_task = RetrievalTask.load(Path(name))
+            else:  # tokenizes the whole text file: once per process
+                self._retrieval_task = TextRetrievalTask(self._load(RETRIEVAL).tokenizer, load_text(self.plan, name))
+        return self._retrieval_task
 
     def measure(self, task: str, config: EvictionConfig, fraction: float, seed: int) -> Row:
         plan = self.plan

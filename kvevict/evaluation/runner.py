@@ -73,10 +73,6 @@ class RetrievalOutcome:
     def asked(self) -> int:
         return len(self.correct)
 
-    @property
-    def needle_kept(self) -> float:
-        return float(np.mean(self.kept))
-
 
 @dataclass(frozen=True)
 class TextOutcome:
@@ -84,12 +80,8 @@ class TextOutcome:
     tokens: int  # tokens predicted (window length - 1)
     bytes: int  # UTF-8 bytes those tokens decode to
 
-    @property
-    def bits_per_byte(self) -> float:
-        return self.nats / math.log(2) / self.bytes
 
-
-class _NeedleWatch:
+class NeedleWatch:
     """Observer of every forward: for each question, which caches held its needle when the
     position predicting the answer's first token was read."""
 
@@ -111,7 +103,7 @@ def evaluate_retrieval(model: torch.nn.Module, settings: EvictionSettings, examp
                        manager: ManagerClient | None = None) -> RetrievalOutcome:
     """Prefills the example block by block under `settings` and scores its questions."""
     blocks: list[torch.Tensor] = []
-    watch = _NeedleWatch(example)
+    watch = NeedleWatch(example)
     session = CacheSession(model, manager or EmbeddedManagerClient(), settings, observer=watch)
     try:
         session.prefill(torch.from_numpy(example.token_ids), on_block_logits=lambda logits: blocks.append(logits))
