@@ -141,7 +141,13 @@ def render(paths: list[Path], out: Path, plots: bool) -> int:
     if missing:
         print(f"quality: error: --from-csv: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
-    rows = [row for path in paths for row in report.read_csv(path)]
+    rows = []
+    for path in paths:
+        try:
+            rows += report.read_csv(path)
+        except ValueError as error:  # a missing or unknown column, a value of the wrong type
+            print(f"quality: error: --from-csv {path}: not a quality.csv ({error})", file=sys.stderr)
+            return 2
     # Tables average a task's rows over seeds: they must all come from one setup.
     for task in dict.fromkeys(r.task for r in rows):
         setups = {(r.model, r.context_tokens, r.block_size, r.facts) for r in rows if r.task == task}

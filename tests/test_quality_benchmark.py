@@ -95,6 +95,11 @@ def test_tasks_run_apart_merge_into_the_same_outputs(run, tmp_path) -> None:
     mixed = subprocess.run([sys.executable, str(SCRIPT), "--from-csv", str(parts[0]), str(other), "--out",
                             str(tmp_path / "mixed"), "--no-plots"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert mixed.returncode == 2 and "different setups" in mixed.stderr
+    junk = tmp_path / "junk.csv"
+    junk.write_text("name,score\nh2o,1\n")
+    refused = subprocess.run([sys.executable, str(SCRIPT), "--from-csv", str(junk), "--out", str(tmp_path / "junk")],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert refused.returncode == 2 and "not a quality.csv" in refused.stderr
 
 
 def test_processes_measure_exactly_what_one_process_does(tmp_path) -> None:

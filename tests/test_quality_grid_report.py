@@ -75,3 +75,18 @@ def test_csv_round_trip(tmp_path) -> None:
     back = report.read_csv(tmp_path / "q.csv")
     assert back[0] == rows[0]
     assert math.isnan(back[1].accuracy) and back[1].budget_tokens == 20
+
+
+def test_read_csv_names_what_is_wrong(tmp_path) -> None:
+    path = tmp_path / "q.csv"
+    report.write_csv([_row("h2o", "h2o", "none", 0.1, 0, 0.25)], path)
+    header, line = path.read_text().splitlines()
+    (tmp_path / "extra.csv").write_text(header + ",score\n" + line + ",1\n")
+    with pytest.raises(ValueError, match=r"unknown columns \['score'\]"):
+        report.read_csv(tmp_path / "extra.csv")
+    (tmp_path / "short.csv").write_text(header.replace("seed,", "") + "\n")
+    with pytest.raises(ValueError, match=r"missing columns \['seed'\]"):
+        report.read_csv(tmp_path / "short.csv")
+    (tmp_path / "typo.csv").write_text(header + "\n" + line.replace(",0.1,", ",ten,", 1) + "\n")
+    with pytest.raises(ValueError, match="line 2"):
+        report.read_csv(tmp_path / "typo.csv")

@@ -7,7 +7,7 @@ import csv
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +54,25 @@ def write_csv(rows: Iterable[Row], path: Path) -> None:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in asdict(row).items()})
 
 
+REQUIRED_FIELDS = [f.name for f in fields(Row) if f.default is MISSING]
+
+
 def read_csv(path: Path) -> list[Row]:
+    """The rows `write_csv` wrote; columns it did not write, or missing ones it needs, raise ValueError."""
     types = {f.name: f.type for f in fields(Row)}
     out = []
     with open(path, newline="") as handle:
-        for record in csv.DictReader(handle):
-            out.append(Row(**{k: _parse(v, types[k]) for k, v in record.items()}))
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        unknown = [c for c in columns if c not in types]
+        missing = [c for c in REQUIRED_FIELDS if c not in columns]
+        if unknown or missing:
+            raise ValueError(f"unknown columns {unknown}, missing columns {missing}")
+        for line, record in enumerate(reader, start=2):
+            try:
+                out.append(Row(**{k: _parse(v, types[k]) for k, v in record.items()}))
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"line {line}: {error}") from None
     return out
 
 
