@@ -12,7 +12,10 @@ from kvevict.v1 import tensor_pb2
 
 WRAPPERS = ("none", "caote", "fastcaote")
 DTYPES = ("float32", "bfloat16", "float16")
-STATISTICS_DTYPES = {"float16": tensor_pb2.DTYPE_FLOAT16, "float32": tensor_pb2.DTYPE_FLOAT32}
+# "auto": the manager's choice per statistic (bfloat16 for probabilities and norms, float16 for
+# cosines; see docs/CAOTE.md).
+STATISTICS_DTYPES = {"auto": tensor_pb2.DTYPE_UNSPECIFIED, "bfloat16": tensor_pb2.DTYPE_BFLOAT16,
+                     "float16": tensor_pb2.DTYPE_FLOAT16, "float32": tensor_pb2.DTYPE_FLOAT32}
 T = TypeVar("T")
 
 
@@ -42,8 +45,9 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     """Where and how the model runs: device, dtype, statistics dtype, CPU threads."""
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--statistics-dtype", default="float16", choices=tuple(STATISTICS_DTYPES),
-                        help="element type of the statistics sent to the manager")
+    parser.add_argument("--statistics-dtype", default="auto", choices=tuple(STATISTICS_DTYPES),
+                        help="element type of the statistics sent to the manager (auto: 2 bytes each, "
+                             "bfloat16 or float16 per statistic; float16 flushes probabilities below 6e-8)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 on <= 2 cores)")
 
 

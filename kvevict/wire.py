@@ -2,6 +2,8 @@
 
 Decoding is zero-copy (`numpy.frombuffer`); the result is read-only. Building `repeated float`
 from arrays costs ~700x more than bytes, so every tensor in the contract travels this way.
+bfloat16 (numpy has no such type) travels as the upper halves of float32 bit patterns and is
+decoded into float32, exactly: the one decoding that copies.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ _NUMPY_OF = {
     tensor_pb2.DTYPE_INT64: np.dtype("<i8"),
 }
 _PROTO_OF = {np_dtype: proto for proto, np_dtype in _NUMPY_OF.items()}
+_BFLOAT16_BITS = np.dtype("<u2")
 
 
 class WireError(ValueError):
@@ -41,19 +44,44 @@ def encode(array: np.ndarray) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(dtype=_PROTO_OF[dtype], shape=array.shape, data=data)
 
 
+def to_bfloat16_bits(array: np.ndarray) -> np.ndarray:
+    """float32 values -> bfloat16 bit patterns (uint16), rounded to nearest even like torch."""
+    bits = np.ascontiguousarray(array, dtype="<f4").view("<u4")
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    # NaN must stay NaN: rounding could carry its mantissa into the exponent (an infinity).
+    rounded = np.where(np.isnan(array), (bits >> 16) | 0x40, rounded)
+    return rounded.astype(_BFLOAT16_BITS)
+
+
+def encode_bfloat16(array: np.ndarray) -> tensor_pb2.Tensor:
+    """Packs float values as DTYPE_BFLOAT16 (rounded to nearest even)."""
+    return encode_bfloat16_bits(to_bfloat16_bits(np.asarray(array)))
+
+
+def encode_bfloat16_bits(bits: np.ndarray) -> tensor_pb2.Tensor:
+    """Packs bfloat16 bit patterns (uint16 or int16, e.g. a torch bfloat16 tensor viewed as int16)."""
+    data = np.ascontiguousarray(bits).astype(_BFLOAT16_BITS, copy=False).tobytes()
+    return tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_BFLOAT16, shape=bits.shape, data=data)
+
+
 def decode(tensor: tensor_pb2.Tensor, field: str) -> np.ndarray:
-    """Unpacks a numeric Tensor without copying; raises WireError naming `field` if malformed."""
-    if tensor.dtype not in _NUMPY_OF:
+    """Unpacks a numeric Tensor (without copying, but bfloat16 becomes float32); raises WireError
+    naming `field` if malformed."""
+    if tensor.dtype not in _NUMPY_OF and tensor.dtype != tensor_pb2.DTYPE_BFLOAT16:
         raise WireError(f"{field}.dtype", f"unsupported dtype {dtype_name(tensor.dtype)}")
     shape = _checked_shape(tensor, field)
-    np_dtype = _NUMPY_OF[tensor.dtype]
+    np_dtype = _BFLOAT16_BITS if tensor.dtype == tensor_pb2.DTYPE_BFLOAT16 else _NUMPY_OF[tensor.dtype]
     expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
     if len(tensor.data) != expected:
         raise WireError(
             f"{field}.data", f"holds {len(tensor.data)} bytes, shape {shape} of "
             f"{dtype_name(tensor.dtype)} needs {expected}"
         )
-    return np.frombuffer(tensor.data, dtype=np_dtype).reshape(shape)
+    array = np.frombuffer(tensor.data, dtype=np_dtype).reshape(shape)
+    if tensor.dtype == tensor_pb2.DTYPE_BFLOAT16:
+        # A bfloat16 is the upper half of the float32 with the same value.
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array
 
 
 def encode_bits(mask: np.ndarray) -> tensor_pb2.Tensor:

@@ -18,7 +18,7 @@ from transformers import AttentionInterface
 assert np.finfo(np.longdouble).eps < 1e-18, "the brute-force oracle needs extended precision"
 
 from kvevict import wire
-from kvevict.cache_manager.wrappers import caote_scores
+from kvevict.cache_manager.wrappers import caote_scores, fast_caote_scores
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
 from kvevict.worker import attention as kv_attention
@@ -47,7 +47,7 @@ class StatisticsRecorder:
         return pb.CloseSessionResponse(reports=len(self.reports))
 
     def statistic(self, layer: int, index: int) -> np.ndarray:
-        return wire.decode(self.reports[-1].layers[layer].values[index], "values").astype(np.float64)
+        return np.asarray(wire.decode(self.reports[-1].layers[layer].values[index], "values"), dtype=np.float64)
 
 
 @dataclass
@@ -58,14 +58,11 @@ class CapturedAttention:
     scaling: float
 
 
-def run_block(config, window: int, tokens: int, seed: int = 0) -> tuple[StatisticsRecorder, list[CapturedAttention]]:
-    """Prefills `tokens` tokens as one block asking for the window-`window` attention statistics."""
-    model = model_from_config(config, seed=seed)
-    recorder = StatisticsRecorder([
-        pb.StatisticRequirement(statistic=pb.STATISTIC_ATTN_WINDOW, window=window),
-        pb.StatisticRequirement(statistic=pb.STATISTIC_VALUE_DEV_WINDOW, window=window),
-        pb.StatisticRequirement(statistic=pb.STATISTIC_VALUE_DEV_MEAN),
-    ])
+def record_block(model, ids: torch.Tensor, statistics: list[pb.StatisticRequirement],
+                 policy: str = "tova") -> tuple[StatisticsRecorder, list[CapturedAttention]]:
+    """Prefills `ids` as one block through the worker, reporting `statistics` (each in its own
+    dtype, float32 where it names none), and captures what every layer's attention saw."""
+    recorder = StatisticsRecorder(statistics)
     captured: dict[int, CapturedAttention] = {}
 
     def spy(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -75,15 +72,27 @@ def run_block(config, window: int, tokens: int, seed: int = 0) -> tuple[Statisti
 
     AttentionInterface.register(kv_attention.ATTN_IMPLEMENTATION, spy)
     try:
-        settings = EvictionSettings(policy=pb.PolicySpec(base="tova"), budget=pb.BudgetSpec(tokens=1 << 20),
-                                    block_size=tokens, statistics_dtype=tensor_pb2.DTYPE_FLOAT32)
-        ids = torch.randint(3, config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(seed))
+        settings = EvictionSettings(policy=pb.PolicySpec(base=policy), budget=pb.BudgetSpec(tokens=1 << 20),
+                                    block_size=ids.numel(), statistics_dtype=tensor_pb2.DTYPE_FLOAT32)
         session = CacheSession(model, recorder, settings)
         session.prefill(ids)
         session.close()
     finally:
         kv_attention.register()
     return recorder, [captured[layer] for layer in range(len(captured))]
+
+
+def run_block(config, window: int, tokens: int, seed: int = 0) -> tuple[StatisticsRecorder, list[CapturedAttention]]:
+    """Prefills `tokens` random tokens of a random model of `config` as one block, asking for the
+    window-`window` attention statistics in float32."""
+    model = model_from_config(config, seed=seed)
+    ids = torch.randint(3, config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(seed))
+    return record_block(model, ids, [
+        pb.StatisticRequirement(statistic=pb.STATISTIC_ATTN_WINDOW, window=window),
+        pb.StatisticRequirement(statistic=pb.STATISTIC_VALUE_DEV_EXCLUDED, window=window,
+                                reference=pb.REFERENCE_WINDOW_ATTENTION, pool_kernel=1),
+        pb.StatisticRequirement(statistic=pb.STATISTIC_VALUE_DEV_MEAN),
+    ])
 
 
 def softmax_rows(scores: np.ndarray) -> np.ndarray:
@@ -132,5 +141,31 @@ def max_relative_error(got: np.ndarray, expected: np.ndarray) -> float:
 
 def caote_from_report(recorder: StatisticsRecorder, layer: int, head: int, fast: bool = False) -> np.ndarray:
     attention = recorder.statistic(layer, 0)[head]
-    value_dev = recorder.statistic(layer, 2 if fast else 1)[head]
-    return caote_scores(attention, value_dev)
+    if fast:
+        return fast_caote_scores(attention, recorder.statistic(layer, 2)[head])
+    return caote_scores(attention, recorder.statistic(layer, 1)[head])
+
+
+def excluded_deviation_exact(probs: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """||v_j - o_{-j}|| for every j in extended precision; probs (L,), values (L, d).
+
+    o_{-j} = (S - a_j v_j) / (Z - a_j) cancels only for the heaviest token, whose o_{-j} is
+    summed from the others directly.
+    """
+    a = np.asarray(probs, dtype=np.longdouble)
+    v = np.asarray(values, dtype=np.longdouble)
+    total, weighted = a.sum(), a @ v
+    top = int(np.argmax(a))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        without = (weighted[None, :] - a[:, None] * v) / (total - a)[:, None]
+    others = np.arange(len(a)) != top
+    without[top] = a[others] @ v[others] / a[others].sum()
+    return np.sqrt(np.sum((v - without) ** 2, axis=-1)).astype(np.float64)
+
+
+def group_last_query_probs(att: CapturedAttention, kv_head: int) -> np.ndarray:
+    """The last query's attention (L,) averaged over the query heads of `kv_head`'s group."""
+    group = att.query.shape[0] // att.key.shape[0]
+    length = att.key.shape[1]
+    return np.mean([query_probs(att, h, slice(length - 1, length))[0]
+                    for h in range(kv_head * group, (kv_head + 1) * group)], axis=0)

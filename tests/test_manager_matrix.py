@@ -1,4 +1,4 @@
-"""Every base policy x every wrapper x both statistics dtypes, driven through ManagerCore: each
+"""Every base policy x every wrapper x every statistics encoding, driven through ManagerCore: each
 evicting layer keeps exactly the protected tokens plus the top tokens of a score the test
 computes on its own from the statistics it sent."""
 
@@ -10,7 +10,7 @@ import pytest
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
 from tests.test_manager_support import (
-    assert_top_selection, open_request, reference_caote, reference_max_pool, start,
+    assert_top_selection, open_request, reference_caote, reference_fast_caote, reference_max_pool, start,
 )
 
 BASES = ["h2o", "tova", "snapkv", "keydiff", "streaming", "random", "valuenorm"]
@@ -21,31 +21,36 @@ OPTIONS = {"snapkv": dict(window=4, pool_kernel=3), "random": dict(seed=7)}
 DEFAULT_RECENT = {"h2o": BUDGET // 2, "snapkv": 4}  # H2O: half the budget; SnapKV: its window
 
 S = pb
+R = pb  # the references of value_dev_excluded
+# (statistic, window, reference, pool kernel) as negotiated
 BASE_STATISTICS = {
-    "h2o": [(S.STATISTIC_ATTN_SUM, 0)],
-    "tova": [(S.STATISTIC_ATTN_WINDOW, 1)],
-    "snapkv": [(S.STATISTIC_ATTN_WINDOW, 4)],
-    "keydiff": [(S.STATISTIC_KEY_COSINE, 0)],
+    "h2o": [(S.STATISTIC_ATTN_SUM, 0, 0, 0)],
+    "tova": [(S.STATISTIC_ATTN_WINDOW, 1, 0, 0)],
+    "snapkv": [(S.STATISTIC_ATTN_WINDOW, 4, 0, 0)],
+    "keydiff": [(S.STATISTIC_KEY_COSINE, 0, 0, 0)],
     "streaming": [],
     "random": [],
-    "valuenorm": [(S.STATISTIC_VALUE_DEV_MEAN, 0)],
+    "valuenorm": [(S.STATISTIC_VALUE_DEV_MEAN, 0, 0, 0)],
 }
+EXCLUDED = S.STATISTIC_VALUE_DEV_EXCLUDED
+# Each base's own score, as the weights of CAOTE's virtual query.
 CAOTE_REFERENCE = {
-    "h2o": (S.STATISTIC_VALUE_DEV_RUNNING, 0),
-    "tova": (S.STATISTIC_VALUE_DEV_WINDOW, 1),
-    "snapkv": (S.STATISTIC_VALUE_DEV_WINDOW, 4),
-    "keydiff": (S.STATISTIC_VALUE_DEV_WINDOW, 1),
-    "streaming": (S.STATISTIC_VALUE_DEV_WINDOW, 1),
-    "random": (S.STATISTIC_VALUE_DEV_WINDOW, 1),
-    "valuenorm": (S.STATISTIC_VALUE_DEV_WINDOW, 1),
+    "h2o": (EXCLUDED, 0, R.REFERENCE_ACCUMULATED_ATTENTION, 0),
+    "tova": (EXCLUDED, 1, R.REFERENCE_WINDOW_ATTENTION, 1),
+    "snapkv": (EXCLUDED, 4, R.REFERENCE_WINDOW_ATTENTION, 3),
+    "keydiff": (EXCLUDED, 0, R.REFERENCE_KEY_DISSIMILARITY, 0),
+    "streaming": (EXCLUDED, 0, R.REFERENCE_POSITION, 0),
+    "random": (EXCLUDED, 0, R.REFERENCE_UNIFORM, 0),
+    "valuenorm": (EXCLUDED, 0, R.REFERENCE_VALUE_DEVIATION, 0),
 }
+MEAN_DEVIATION = (S.STATISTIC_VALUE_DEV_MEAN, 0, 0, 0)
 # (new tokens, phase): below budget first, then over it in prefill and decode.
 STEPS = [(20, pb.PHASE_PREFILL), (16, pb.PHASE_PREFILL), (4, pb.PHASE_DECODE), (4, pb.PHASE_DECODE),
          (8, pb.PHASE_DECODE), (1, pb.PHASE_DECODE), (3, pb.PHASE_DECODE)]
 
 
-def expected_statistics(base: str, wrapper: str) -> list[tuple[int, int]]:
-    extra = {"none": [], "caote": [CAOTE_REFERENCE[base]], "fastcaote": [(S.STATISTIC_VALUE_DEV_MEAN, 0)]}[wrapper]
+def expected_statistics(base: str, wrapper: str) -> list[tuple[int, int, int, int]]:
+    extra = {"none": [], "caote": [CAOTE_REFERENCE[base]], "fastcaote": [MEAN_DEVIATION]}[wrapper]
     return BASE_STATISTICS[base] + [s for s in extra if s not in BASE_STATISTICS[base]]
 
 
@@ -55,34 +60,40 @@ def expected_scores(base, wrapper, stats, accumulated, positions, sequence, laye
         score = accumulated
         attention = score
     elif base == "tova":
-        score = attention = stats[(S.STATISTIC_ATTN_WINDOW, 1)]
+        score = attention = stats[(S.STATISTIC_ATTN_WINDOW, 1, 0, 0)]
     elif base == "snapkv":
-        score = attention = reference_max_pool(stats[(S.STATISTIC_ATTN_WINDOW, 4)], 3)
+        score = attention = reference_max_pool(stats[(S.STATISTIC_ATTN_WINDOW, 4, 0, 0)], 3)
     elif base == "keydiff":
-        cosine = stats[(S.STATISTIC_KEY_COSINE, 0)]
+        cosine = stats[(S.STATISTIC_KEY_COSINE, 0, 0, 0)]
         score, attention = -cosine, (1.0 - cosine) / 2.0
     elif base == "streaming":
         score = positions.astype(np.float64)
         attention = score - score.min(axis=-1, keepdims=True) + 1.0
     elif base == "valuenorm":
-        score = attention = stats[(S.STATISTIC_VALUE_DEV_MEAN, 0)]
+        score = attention = stats[MEAN_DEVIATION]
     else:
         score = attention = np.random.default_rng([7, sequence, layer]).random(positions.shape)
     if wrapper == "none":
         return score
-    reference = CAOTE_REFERENCE[base] if wrapper == "caote" else (S.STATISTIC_VALUE_DEV_MEAN, 0)
-    return reference_caote(attention, stats[reference])
+    if wrapper == "caote":
+        return reference_caote(attention, stats[CAOTE_REFERENCE[base]])
+    return reference_fast_caote(attention, stats[MEAN_DEVIATION])
 
 
-@pytest.mark.parametrize("dtype", [tensor_pb2.DTYPE_FLOAT16, tensor_pb2.DTYPE_FLOAT32], ids=["f16", "f32"])
+@pytest.mark.parametrize("dtype", [tensor_pb2.DTYPE_UNSPECIFIED, tensor_pb2.DTYPE_FLOAT16, tensor_pb2.DTYPE_FLOAT32],
+                         ids=["default", "f16", "f32"])
 @pytest.mark.parametrize("wrapper", WRAPPERS)
 @pytest.mark.parametrize("base", BASES)
 def test_kept_tokens_are_protected_plus_top_scored(base: str, wrapper: str, dtype: int) -> None:
     seed = BASES.index(base) * 100 + WRAPPERS.index(wrapper) * 10 + dtype
     session = start(open_request(base, wrapper, BUDGET, sink=SINK, dtype=dtype, **OPTIONS.get(base, {})), seed)
     opened = session.opened
-    negotiated = [(s.statistic, s.window) for s in opened.statistics]
+    negotiated = [(s.statistic, s.window, s.reference, s.pool_kernel) for s in opened.statistics]
     assert negotiated == expected_statistics(base, wrapper)
+    # Unspecified: bfloat16 (float32's range) but for cosines, bounded, in float16.
+    default = {S.STATISTIC_KEY_COSINE: tensor_pb2.DTYPE_FLOAT16}
+    assert [s.dtype for s in opened.statistics] == [
+        dtype or default.get(s.statistic, tensor_pb2.DTYPE_BFLOAT16) for s in opened.statistics]
     assert opened.report_every_block == (base == "h2o")
     assert list(opened.layer_budgets) == [BUDGET] * session.num_layers
     assert opened.statistics_dtype == dtype
@@ -107,7 +118,7 @@ def test_kept_tokens_are_protected_plus_top_scored(base: str, wrapper: str, dtyp
             length = positions.shape[1]
             accumulated = None
             if base == "h2o":
-                attn = stats[(S.STATISTIC_ATTN_SUM, 0)]
+                attn = stats[(S.STATISTIC_ATTN_SUM, 0, 0, 0)]
                 accumulated = np.zeros(positions.shape, np.float32)
                 for h in range(session.heads):
                     for j, p in enumerate(positions[h]):

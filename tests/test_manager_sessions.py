@@ -20,13 +20,15 @@ def test_open_answers_session_statistics_budgets_and_dtype() -> None:
     first = core.open_session(open_request("h2o", "caote", budget=32, num_layers=4))
     second = core.open_session(open_request("h2o", "caote", budget=32, num_layers=4))
     assert len(first.session_id) == 32 and first.session_id != second.session_id
-    assert [(s.statistic, s.window) for s in first.statistics] == [
-        (pb.STATISTIC_ATTN_SUM, 0), (pb.STATISTIC_VALUE_DEV_RUNNING, 0)]
+    assert [(s.statistic, s.window, s.reference) for s in first.statistics] == [
+        (pb.STATISTIC_ATTN_SUM, 0, 0), (pb.STATISTIC_VALUE_DEV_EXCLUDED, 0, pb.REFERENCE_ACCUMULATED_ATTENTION)]
     assert first.report_every_block
     assert list(first.layer_budgets) == [32] * 4
-    assert first.statistics_dtype == tensor_pb2.DTYPE_FLOAT16  # the default when unspecified
+    assert first.statistics_dtype == tensor_pb2.DTYPE_UNSPECIFIED  # chosen per statistic:
+    assert [s.dtype for s in first.statistics] == [tensor_pb2.DTYPE_BFLOAT16] * 2
     f32 = core.open_session(open_request("tova", budget=8, dtype=tensor_pb2.DTYPE_FLOAT32))
     assert f32.statistics_dtype == tensor_pb2.DTYPE_FLOAT32 and not f32.report_every_block
+    assert [s.dtype for s in f32.statistics] == [tensor_pb2.DTYPE_FLOAT32]
 
 
 @pytest.mark.parametrize("base,budget,sink,recent", [
@@ -50,8 +52,8 @@ def test_explicit_zero_overrides_a_default() -> None:
 
 def test_snapkv_window_and_kernel_shape_the_statistics() -> None:
     opened = start(open_request("snapkv", "caote", budget=64, window=16, pool_kernel=5)).opened
-    assert [(s.statistic, s.window) for s in opened.statistics] == [
-        (pb.STATISTIC_ATTN_WINDOW, 16), (pb.STATISTIC_VALUE_DEV_WINDOW, 16)]
+    assert [(s.statistic, s.window, s.reference, s.pool_kernel) for s in opened.statistics] == [
+        (pb.STATISTIC_ATTN_WINDOW, 16, 0, 0), (pb.STATISTIC_VALUE_DEV_EXCLUDED, 16, pb.REFERENCE_WINDOW_ATTENTION, 5)]
 
 
 def test_a_retried_sequence_returns_the_stored_answer_and_changes_nothing() -> None:

@@ -16,7 +16,16 @@ from kvevict.v1 import tensor_pb2
 # (layer, requirement, shape) -> values of one statistic
 Values = Callable[[int, pb.StatisticRequirement, tuple[int, int]], np.ndarray]
 GEOMETRY = dict(num_layers=3, num_kv_heads=2, num_query_heads=4, head_dim=8)
-NUMPY_DTYPE = {tensor_pb2.DTYPE_FLOAT16: np.float16, tensor_pb2.DTYPE_FLOAT32: np.float32}
+
+
+def on_the_wire(values: np.ndarray, dtype: int) -> tuple[tensor_pb2.Tensor, np.ndarray]:
+    """`values` encoded as a statistic of wire dtype `dtype`, and what the manager decodes."""
+    if dtype == tensor_pb2.DTYPE_BFLOAT16:
+        tensor = wire.encode_bfloat16(np.asarray(values, dtype=np.float32))
+    else:
+        tensor = wire.encode(np.asarray(values).astype({tensor_pb2.DTYPE_FLOAT16: np.float16,
+                                                         tensor_pb2.DTYPE_FLOAT32: np.float32}[dtype]))
+    return tensor, np.asarray(wire.decode(tensor, "values"), dtype=np.float32)
 
 
 def open_request(
@@ -78,10 +87,6 @@ class Session:
     def id(self) -> str:
         return self.opened.session_id
 
-    @property
-    def np_dtype(self) -> type:
-        return NUMPY_DTYPE[self.opened.statistics_dtype]
-
     def build(
         self, new_tokens: int, phase: int = pb.PHASE_PREFILL, values: Values | None = None
     ) -> tuple[pb.ReportBlockRequest, list[list[np.ndarray]]]:
@@ -95,12 +100,10 @@ class Session:
         sent = []
         for layer in range(self.num_layers):
             length = self.positions[layer].shape[1] + new_tokens
-            arrays = [
-                np.asarray(values(layer, req, (self.heads, length))).astype(self.np_dtype)
-                for req in self.opened.statistics
-            ]
-            request.layers.add(layer=layer, cache_length=length, values=[wire.encode(v) for v in arrays])
-            sent.append([v.astype(np.float32) for v in arrays])
+            encoded = [on_the_wire(values(layer, req, (self.heads, length)), req.dtype)
+                        for req in self.opened.statistics]
+            request.layers.add(layer=layer, cache_length=length, values=[tensor for tensor, _ in encoded])
+            sent.append([decoded for _, decoded in encoded])
         return request, sent
 
     def apply(self, request: pb.ReportBlockRequest, response: pb.ReportBlockResponse) -> list[np.ndarray | None]:
@@ -148,10 +151,17 @@ def reference_max_pool(scores: np.ndarray, kernel: int) -> np.ndarray:
     return out
 
 
-def reference_caote(h: np.ndarray, value_dev: np.ndarray) -> np.ndarray:
+def reference_caote(h: np.ndarray, excluded_deviation: np.ndarray) -> np.ndarray:
+    """a_j * ||v_j - o_{-j}||, a = h / sum(h)."""
+    h = h.astype(np.float64)
+    return h / h.sum(axis=-1, keepdims=True) * excluded_deviation.astype(np.float64)
+
+
+def reference_fast_caote(h: np.ndarray, mean_deviation: np.ndarray) -> np.ndarray:
+    """a_j / (1 - a_j) * ||v_j - mean v||, a = h / sum(h)."""
     h = h.astype(np.float64)
     a = h / h.sum(axis=-1, keepdims=True)
-    return a / (1.0 - a) * value_dev.astype(np.float64)
+    return a / (1.0 - a) * mean_deviation.astype(np.float64)
 
 
 def reference_keep(scores: np.ndarray, protected: np.ndarray, budget: int) -> np.ndarray:

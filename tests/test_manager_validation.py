@@ -12,7 +12,7 @@ from kvevict import wire
 from kvevict.cache_manager import InMemoryStateStore, InvalidArgument, ManagerCore, ManagerError
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
-from tests.test_manager_support import open_request, start
+from tests.test_manager_support import on_the_wire, open_request, start
 
 
 def _set(**fields):
@@ -75,7 +75,9 @@ def _values(request: pb.ReportBlockRequest, layer: int, k: int) -> np.ndarray:
 
 
 def _put(request: pb.ReportBlockRequest, layer: int, k: int, array: np.ndarray) -> None:
-    request.layers[layer].values[k].CopyFrom(wire.encode(array))
+    """Replaces a statistic by `array` in the statistic's own wire dtype."""
+    tensor, _ = on_the_wire(array, request.layers[layer].values[k].dtype)
+    request.layers[layer].values[k].CopyFrom(tensor)
 
 
 def _poke(layer: int, k: int, value: float) -> Callable[[pb.ReportBlockRequest], None]:
@@ -125,7 +127,8 @@ REPORT_CASES = {
     "layers out of order": (_swap_layers, "layers[0].layer"),
     "wrong cache length": (lambda r: setattr(r.layers[1], "cache_length", 17), "layers[1].cache_length"),
     "a statistic missing": (lambda r: r.layers[2].values.pop(), "layers[2].values"),
-    "wrong dtype": (lambda r: _put(r, 1, 0, _values(r, 1, 0).astype(np.float32)), "layers[1].values[0].dtype"),
+    "wrong dtype": (lambda r: r.layers[1].values[0].CopyFrom(wire.encode(_values(r, 1, 0).astype(np.float32))),
+                    "layers[1].values[0].dtype"),
     "wrong shape": (_reshape, "layers[1].values[1].shape"),
     "wrong byte length": (_truncate, "layers[2].values[0].data"),
     "NaN": (_poke(1, 0, np.nan), "layers[1].values[0]"),

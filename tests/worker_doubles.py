@@ -25,7 +25,8 @@ class RandomKeepManager:
         self.layer_budgets = layer_budgets
         self.rng = np.random.default_rng(seed)
         self.statistics = [pb.StatisticRequirement(statistic=pb.STATISTIC_ATTN_SUM),
-                           pb.StatisticRequirement(statistic=pb.STATISTIC_VALUE_DEV_WINDOW, window=4)]
+                           pb.StatisticRequirement(statistic=pb.STATISTIC_VALUE_DEV_EXCLUDED, window=4,
+                                                   reference=pb.REFERENCE_WINDOW_ATTENTION, pool_kernel=1)]
         self.reports: list[pb.ReportBlockRequest] = []
 
     def open_session(self, request: pb.OpenSessionRequest) -> pb.OpenSessionResponse:

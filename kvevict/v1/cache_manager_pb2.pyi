@@ -13,10 +13,19 @@ class Statistic(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STATISTIC_UNSPECIFIED: _ClassVar[Statistic]
     STATISTIC_ATTN_SUM: _ClassVar[Statistic]
     STATISTIC_ATTN_WINDOW: _ClassVar[Statistic]
-    STATISTIC_VALUE_DEV_WINDOW: _ClassVar[Statistic]
-    STATISTIC_VALUE_DEV_RUNNING: _ClassVar[Statistic]
     STATISTIC_VALUE_DEV_MEAN: _ClassVar[Statistic]
     STATISTIC_KEY_COSINE: _ClassVar[Statistic]
+    STATISTIC_VALUE_DEV_EXCLUDED: _ClassVar[Statistic]
+
+class Reference(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REFERENCE_UNSPECIFIED: _ClassVar[Reference]
+    REFERENCE_WINDOW_ATTENTION: _ClassVar[Reference]
+    REFERENCE_ACCUMULATED_ATTENTION: _ClassVar[Reference]
+    REFERENCE_KEY_DISSIMILARITY: _ClassVar[Reference]
+    REFERENCE_POSITION: _ClassVar[Reference]
+    REFERENCE_VALUE_DEVIATION: _ClassVar[Reference]
+    REFERENCE_UNIFORM: _ClassVar[Reference]
 
 class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -26,10 +35,16 @@ class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 STATISTIC_UNSPECIFIED: Statistic
 STATISTIC_ATTN_SUM: Statistic
 STATISTIC_ATTN_WINDOW: Statistic
-STATISTIC_VALUE_DEV_WINDOW: Statistic
-STATISTIC_VALUE_DEV_RUNNING: Statistic
 STATISTIC_VALUE_DEV_MEAN: Statistic
 STATISTIC_KEY_COSINE: Statistic
+STATISTIC_VALUE_DEV_EXCLUDED: Statistic
+REFERENCE_UNSPECIFIED: Reference
+REFERENCE_WINDOW_ATTENTION: Reference
+REFERENCE_ACCUMULATED_ATTENTION: Reference
+REFERENCE_KEY_DISSIMILARITY: Reference
+REFERENCE_POSITION: Reference
+REFERENCE_VALUE_DEVIATION: Reference
+REFERENCE_UNIFORM: Reference
 PHASE_UNSPECIFIED: Phase
 PHASE_PREFILL: Phase
 PHASE_DECODE: Phase
@@ -73,12 +88,18 @@ class BudgetSpec(_message.Message):
     def __init__(self, tokens: _Optional[int] = ..., allocator: _Optional[str] = ...) -> None: ...
 
 class StatisticRequirement(_message.Message):
-    __slots__ = ("statistic", "window")
+    __slots__ = ("statistic", "window", "reference", "pool_kernel", "dtype")
     STATISTIC_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    POOL_KERNEL_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     statistic: Statistic
     window: int
-    def __init__(self, statistic: _Optional[_Union[Statistic, str]] = ..., window: _Optional[int] = ...) -> None: ...
+    reference: Reference
+    pool_kernel: int
+    dtype: _tensor_pb2.DType
+    def __init__(self, statistic: _Optional[_Union[Statistic, str]] = ..., window: _Optional[int] = ..., reference: _Optional[_Union[Reference, str]] = ..., pool_kernel: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ("geometry", "policy", "budget", "block_size", "statistics_dtype")

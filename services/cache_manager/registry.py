@@ -50,7 +50,7 @@ def describe_policies() -> list[ComponentInfo]:
             statistics=tuple(req.name for req in policy.required_statistics()),
             accumulates=cls.accumulates, options=tuple(options),
         ))
-    added = {"none": (), "caote": ("the base's value_dev reference",), "fastcaote": (StatisticRequirement(VALUE_DEV_MEAN).name,)}
+    added = {"none": (), "caote": ("value_dev_excluded(the base's reference weights)",), "fastcaote": (StatisticRequirement(VALUE_DEV_MEAN).name,)}
     for name, cls in WRAPPERS.items():
         out.append(ComponentInfo(kind="wrapper", name=name, description=cls.description, statistics=added[name]))
     for name, cls in ALLOCATORS.items():

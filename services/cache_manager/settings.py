@@ -14,12 +14,9 @@ from kvevict.cache_manager.errors import InvalidArgument
 from kvevict.cache_manager.geometry import Geometry
 from kvevict.cache_manager.policies import make_base
 from kvevict.cache_manager.selection import validate_protection
-from kvevict.cache_manager.statistics import StatisticRequirement
+from kvevict.cache_manager.statistics import STATISTICS_DTYPES, StatisticRequirement
 from kvevict.cache_manager.wrappers import Wrapper, make_policy
 from kvevict.v1 import cache_manager_pb2 as pb
-from kvevict.v1 import tensor_pb2
-
-STATISTICS_DTYPES = (tensor_pb2.DTYPE_FLOAT16, tensor_pb2.DTYPE_FLOAT32)
 
 
 @dataclass(frozen=True)
@@ -37,7 +34,7 @@ class SessionSettings:
     budget_tokens: int
     allocator_name: str
     block_size: int
-    statistics_dtype: int
+    statistics_dtype: int  # as requested; DTYPE_UNSPECIFIED = per statistic (StatisticRequirement.wire_dtype)
     statistics: tuple[StatisticRequirement, ...]
 
     def policy(self) -> Wrapper:
@@ -49,14 +46,14 @@ class SessionSettings:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["statistics"] = [[req.statistic, req.window] for req in self.statistics]
+        data["statistics"] = [req.to_list() for req in self.statistics]
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SessionSettings:
         data = dict(data)
         data["geometry"] = Geometry(**data["geometry"])
-        data["statistics"] = tuple(StatisticRequirement(s, w) for s, w in data["statistics"])
+        data["statistics"] = tuple(StatisticRequirement(*fields) for fields in data["statistics"])
         return cls(**data)
 
 
@@ -65,9 +62,9 @@ def settings_from_request(request: pb.OpenSessionRequest) -> SessionSettings:
     geometry = Geometry.from_proto(request.geometry)
     if request.block_size <= 0:
         raise InvalidArgument("block_size", f"must be > 0, got {request.block_size}")
-    dtype = request.statistics_dtype or tensor_pb2.DTYPE_FLOAT16
+    dtype = request.statistics_dtype
     if dtype not in STATISTICS_DTYPES:
-        raise InvalidArgument("statistics_dtype", f"must be DTYPE_FLOAT16 or DTYPE_FLOAT32, got {dtype}")
+        raise InvalidArgument("statistics_dtype", f"must be unspecified, DTYPE_BFLOAT16, DTYPE_FLOAT16 or DTYPE_FLOAT32, got {dtype}")
     # Name and tokens first; the allocator is rebuilt below with the resolved protection and wrapper.
     allocator = make_allocator(request.budget.allocator, request.budget.tokens)
     spec = request.policy

@@ -91,7 +91,7 @@ def _opened(state: SessionState, accumulates: bool) -> pb.OpenSessionResponse:
     settings = state.settings
     return pb.OpenSessionResponse(
         session_id=state.session_id,
-        statistics=[req.to_proto() for req in settings.statistics],
+        statistics=[req.to_proto(settings.statistics_dtype) for req in settings.statistics],
         report_every_block=accumulates,
         layer_budgets=state.layer_budgets,
         statistics_dtype=settings.statistics_dtype,

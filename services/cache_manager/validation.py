@@ -94,9 +94,10 @@ def _layer(
     statistics = {}
     for k, (requirement, tensor) in enumerate(zip(settings.statistics, layer.values)):
         name = f"{field}.values[{k}]"
-        if tensor.dtype != settings.statistics_dtype:
+        dtype = requirement.wire_dtype(settings.statistics_dtype)
+        if tensor.dtype != dtype:
             raise InvalidArgument(
-                f"{name}.dtype", f"{requirement.name} must be {wire.dtype_name(settings.statistics_dtype)}, got {wire.dtype_name(tensor.dtype)}"
+                f"{name}.dtype", f"{requirement.name} must be {wire.dtype_name(dtype)}, got {wire.dtype_name(tensor.dtype)}"
             )
         if tuple(tensor.shape) != shape:
             raise InvalidArgument(f"{name}.shape", f"{requirement.name} must have shape {list(shape)}, got {list(tensor.shape)}")

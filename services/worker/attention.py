@@ -8,7 +8,7 @@ runs it in every layer. It differs from eager attention in two ways:
   layers, the absolute positions of its cached tokens), because after eviction layers and heads
   no longer hold the same tokens: every cached token is visible, causal inside the new block;
 * when a `StatisticsCollector` rides along in the forward's kwargs (`kvevict_collector`), the
-  attention probabilities and outputs of the layer are handed to it, in float32.
+  attention probabilities of the layer are handed to it, in float32.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def kvevict_attention(
     scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out32 = torch.einsum("hgqk,hkd->hgqd", probs, v32)
-    collector.record_attention(layer, probs, out32)
+    collector.record_attention(layer, probs)
     out = out32.to(query.dtype).reshape(1, num_query_heads, q_len, head_dim)
     return out.transpose(1, 2).contiguous(), None
 

@@ -19,12 +19,11 @@ from kvevict.worker.kv_cache import PrunableCache
 from kvevict.worker.manager_client import EmbeddedManagerClient, ManagerClient
 from kvevict.worker.model_loader import geometry_of
 from kvevict.worker.remote_manager import ManagerUnavailable
-from kvevict.worker.statistics import Requirement, StatisticsCollector
+from kvevict.worker.statistics import Requirement, StatisticsCollector, to_wire
 
 if TYPE_CHECKING:
     from kvevict.worker.metrics import WorkerMetrics
 
-FLOAT16_MAX = float(np.finfo(np.float16).max)
 log = logging.getLogger(__name__)
 
 # A manager that stays unreachable, or lost the session (restarted without its state).
@@ -42,7 +41,8 @@ class EvictionSettings:
     policy: pb.PolicySpec
     budget: pb.BudgetSpec
     block_size: int = 128
-    statistics_dtype: int = tensor_pb2.DTYPE_FLOAT16
+    # DTYPE_UNSPECIFIED: the manager chooses per statistic (bfloat16 or float16, 2 bytes each).
+    statistics_dtype: int = tensor_pb2.DTYPE_UNSPECIFIED
     # When the manager stays unreachable (or lost the session), go on with the same policy code
     # in-process instead of failing the request.
     fail_open: bool = True
@@ -91,11 +91,10 @@ class CacheSession:
         self.session_id = opened.session_id
         self.report_every_block = opened.report_every_block
         self.layer_budgets = list(opened.layer_budgets)
-        self.wire_dtype = np.float32 if opened.statistics_dtype == tensor_pb2.DTYPE_FLOAT32 else np.float16
         device = next(model.parameters()).device
         self.device = device
         self.cache = PrunableCache(self.geometry.num_layers, self.geometry.num_kv_heads, device)
-        requirements = [Requirement.from_proto(r) for r in opened.statistics]
+        requirements = [Requirement.from_proto(r, opened.statistics_dtype) for r in opened.statistics]
         self.collector = StatisticsCollector(requirements, self.geometry.num_layers, self.cache)
         self._next_position = 0
         self._pending_positions: list[torch.Tensor] = []
@@ -220,15 +219,11 @@ class CacheSession:
         layers = []
         for layer in range(self.cache.num_layers):
             keys, values = self.cache.keys_values(layer)
-            tensors = [self._to_wire(t) for t in self.collector.layer_statistics(layer, keys, values)]
+            statistics = self.collector.layer_statistics(layer, keys, values)
+            tensors = [to_wire(t, req.dtype) for t, req in zip(statistics, self.collector.requirements)]
             layers.append(pb.LayerStatistics(layer=layer, cache_length=self.cache.length(layer), values=tensors))
         return pb.ReportBlockRequest(session_id=self.session_id, sequence=self._sequence, phase=phase,
                                      positions=wire.encode(positions.astype(np.int64)), layers=layers)
-
-    def _to_wire(self, statistic: torch.Tensor) -> tensor_pb2.Tensor:
-        if self.wire_dtype == np.float16:
-            statistic = statistic.clamp(-FLOAT16_MAX, FLOAT16_MAX)
-        return wire.encode(statistic.cpu().numpy().astype(self.wire_dtype))
 
     def _report_in_process(self, request: pb.ReportBlockRequest, error: Exception) -> pb.ReportBlockResponse:
         """Fail-open: a local manager adopts the cache as it was before this report, then decides it."""

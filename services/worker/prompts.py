@@ -59,7 +59,7 @@ class EvictionDefaults:
     policy: pb.PolicySpec
     budget: pb.BudgetSpec
     block_size: int = DEFAULT_BLOCK_SIZE
-    statistics_dtype: int = 0  # 0 = the manager's default (float16)
+    statistics_dtype: int = 0  # 0 = the manager's choice per statistic (bfloat16 / float16)
     fail_open: bool = True
 
 

@@ -1,11 +1,12 @@
 """Per-token statistics the cache manager negotiated, measured inside attention.
 
 Contract (see proto `Statistic`): values are per layer, per KV head, per cached token; the query
-heads of a GQA group are averaged (the group acts as one "virtual query" whose output is the mean
-of the group's outputs). A *report period* is the span of queries between two reports: one
+heads of a GQA group are averaged (the group acts as one "virtual query" whose attention is the
+mean of the group's). A *report period* is the span of queries between two reports: one
 prefill block, or `block_size` decode steps. Attention statistics cover the queries of the
 period; a window statistic covers its last `window` queries (all of them if the period is
-shorter). Value and key statistics are computed from the cache at report time. Everything is
+shorter). The accumulated attention (H2O's CAOTE reference) covers every query since each token
+arrived. Value and key statistics are computed from the cache at report time. Everything is
 accumulated in float32 whatever the model dtype, and cast to the wire dtype only when sent.
 """
 
@@ -16,32 +17,56 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kvevict import wire
 from kvevict.v1 import cache_manager_pb2 as pb
+from kvevict.v1 import tensor_pb2
+from kvevict.worker.reference import excluded_deviation, key_cosine, mean_deviation, reference_weights
 
-ATTENTION_STATISTICS = {pb.STATISTIC_ATTN_SUM, pb.STATISTIC_ATTN_WINDOW, pb.STATISTIC_VALUE_DEV_WINDOW,
-                        pb.STATISTIC_VALUE_DEV_RUNNING}
+_FLOAT16_MAX = float(torch.finfo(torch.float16).max)
+# References whose weights come from attention probabilities.
+_ATTENTION_REFERENCES = {pb.REFERENCE_WINDOW_ATTENTION, pb.REFERENCE_ACCUMULATED_ATTENTION}
 
 
 @dataclass(frozen=True)
 class Requirement:
-    """One negotiated statistic; `window` only for the window statistics."""
+    """One negotiated statistic, as OpenSessionResponse gives it."""
 
     statistic: int
     window: int = 0
+    reference: int = pb.REFERENCE_UNSPECIFIED
+    pool_kernel: int = 0
+    dtype: int = tensor_pb2.DTYPE_FLOAT32
 
     @classmethod
-    def from_proto(cls, message: pb.StatisticRequirement) -> "Requirement":
-        return cls(statistic=message.statistic, window=message.window)
+    def from_proto(cls, message: pb.StatisticRequirement, session_dtype: int) -> "Requirement":
+        """`session_dtype` (OpenSessionResponse.statistics_dtype) applies where the requirement
+        names no dtype of its own."""
+        dtype = message.dtype or session_dtype
+        if not dtype:
+            raise ValueError(f"the manager gave statistic {message.statistic} no wire dtype")
+        return cls(statistic=message.statistic, window=message.window, reference=message.reference,
+                   pool_kernel=message.pool_kernel, dtype=dtype)
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.statistic in (pb.STATISTIC_ATTN_SUM, pb.STATISTIC_ATTN_WINDOW) or (
+            self.statistic == pb.STATISTIC_VALUE_DEV_EXCLUDED and self.reference in _ATTENTION_REFERENCES)
+
+    @property
+    def attention_window(self) -> int:
+        """The query window this statistic needs summed attention over (0: none)."""
+        windowed = self.statistic == pb.STATISTIC_ATTN_WINDOW or self.reference == pb.REFERENCE_WINDOW_ATTENTION
+        return self.window if windowed else 0
 
 
 @dataclass
 class _LayerAccumulators:
     attn_sum: torch.Tensor | None = None  # (Hkv, L)
     attn_window: dict[int, torch.Tensor] = field(default_factory=dict)  # window -> (Hkv, L)
-    out_window: dict[int, torch.Tensor] = field(default_factory=dict)  # window -> (Hkv, d) summed outputs
-    window_queries: dict[int, int] = field(default_factory=dict)
-    out_running: torch.Tensor | None = None  # (Hkv, d), never reset
-    running_queries: int = 0
+    # Attention accumulated over the session, never reset, for the tokens still cached at the
+    # last forward, with their absolute positions to realign it after evictions.
+    accumulated: torch.Tensor | None = None  # (Hkv, L)
+    accumulated_positions: torch.Tensor | None = None  # (Hkv, L)
 
 
 class StatisticsCollector:
@@ -50,11 +75,10 @@ class StatisticsCollector:
     def __init__(self, requirements: list[Requirement], num_layers: int, cache: "PositionSource") -> None:
         self.requirements = list(requirements)
         self.cache = cache
-        self.needs_attention = any(r.statistic in ATTENTION_STATISTICS for r in self.requirements)
-        self._windows = sorted({r.window for r in self.requirements if r.statistic in
-                                (pb.STATISTIC_ATTN_WINDOW, pb.STATISTIC_VALUE_DEV_WINDOW)})
+        self.needs_attention = any(r.needs_attention for r in self.requirements)
+        self._windows = sorted({r.attention_window for r in self.requirements} - {0})
         self._wants_sum = any(r.statistic == pb.STATISTIC_ATTN_SUM for r in self.requirements)
-        self._wants_running = any(r.statistic == pb.STATISTIC_VALUE_DEV_RUNNING for r in self.requirements)
+        self._wants_accumulated = any(r.reference == pb.REFERENCE_ACCUMULATED_ATTENTION for r in self.requirements)
         self._layers = [_LayerAccumulators() for _ in range(num_layers)]
         self._period_length = 0
         self._queries_seen: list[int] = [0] * num_layers
@@ -66,33 +90,38 @@ class StatisticsCollector:
         for acc in self._layers:
             acc.attn_sum = None
             acc.attn_window.clear()
-            acc.out_window.clear()
-            acc.window_queries.clear()
 
-    def record_attention(self, layer: int, probs: torch.Tensor, out: torch.Tensor) -> None:
-        """Takes one layer's float32 probabilities (Hkv, g, q, L) and outputs (Hkv, g, q, d)."""
+    def record_attention(self, layer: int, probs: torch.Tensor) -> None:
+        """Takes one layer's float32 probabilities (Hkv, g, q, L) over its current cache."""
         acc = self._layers[layer]
         q_len = probs.shape[2]
         first = self._queries_seen[layer]
         self._queries_seen[layer] += q_len
         group_probs = probs.mean(dim=1)  # (Hkv, q, L)
-        group_out = out.mean(dim=1)  # (Hkv, q, d)
+        period_sum = group_probs.sum(dim=1)
         if self._wants_sum:
-            acc.attn_sum = _grow_add(acc.attn_sum, group_probs.sum(dim=1))
-        if self._wants_running:
-            total = group_out.sum(dim=1)
-            acc.out_running = total if acc.out_running is None else acc.out_running + total
-            acc.running_queries += q_len
+            acc.attn_sum = _grow_add(acc.attn_sum, period_sum)
+        if self._wants_accumulated:
+            self._accumulate(layer, acc, period_sum, q_len)
         for window in self._windows:
             # Query i of the period is in the window when i >= planned - window.
             start = max(self._period_length - window - first, 0)
             if start >= q_len:
                 continue
             acc.attn_window[window] = _grow_add(acc.attn_window.get(window), group_probs[:, start:].sum(dim=1))
-            total = group_out[:, start:].sum(dim=1)
-            previous = acc.out_window.get(window)
-            acc.out_window[window] = total if previous is None else previous + total
-            acc.window_queries[window] = acc.window_queries.get(window, 0) + q_len - start
+
+    def _accumulate(self, layer: int, acc: _LayerAccumulators, addition: torch.Tensor, q_len: int) -> None:
+        positions = self.cache.positions(layer).to(addition.device)  # the q new tokens last
+        cached = positions[:, : positions.shape[1] - q_len]
+        previous = acc.accumulated
+        if previous is None:
+            previous = addition.new_zeros(cached.shape)
+        elif previous.shape[1] != cached.shape[1]:
+            # Tokens were evicted since the last forward: the survivors are a subsequence (in
+            # order) of the tokens summed then, found by their positions.
+            previous = previous.gather(1, torch.searchsorted(acc.accumulated_positions, cached.contiguous()))
+        acc.accumulated = _grow_add(previous, addition)
+        acc.accumulated_positions = positions
 
     def layer_statistics(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> list[torch.Tensor]:
         """The negotiated statistics of one layer, float32 (Hkv, L), in negotiated order.
@@ -108,30 +137,41 @@ class StatisticsCollector:
                 results.append(_padded(acc.attn_sum, num_kv_heads, length, k32.device))
             elif req.statistic == pb.STATISTIC_ATTN_WINDOW:
                 results.append(_padded(acc.attn_window.get(req.window), num_kv_heads, length, k32.device))
-            elif req.statistic == pb.STATISTIC_VALUE_DEV_WINDOW:
-                count = acc.window_queries.get(req.window, 0)
-                reference = acc.out_window[req.window] / count if count else v32.mean(dim=1)
-                results.append(torch.linalg.vector_norm(v32 - reference[:, None, :], dim=-1))
-            elif req.statistic == pb.STATISTIC_VALUE_DEV_RUNNING:
-                reference = (acc.out_running / acc.running_queries if acc.running_queries
-                             else v32.mean(dim=1))
-                results.append(torch.linalg.vector_norm(v32 - reference[:, None, :], dim=-1))
             elif req.statistic == pb.STATISTIC_VALUE_DEV_MEAN:
-                results.append(torch.linalg.vector_norm(v32 - v32.mean(dim=1, keepdim=True), dim=-1))
+                results.append(mean_deviation(v32))
             elif req.statistic == pb.STATISTIC_KEY_COSINE:
-                unit = F.normalize(k32, dim=-1)
-                mean_unit = F.normalize(unit.mean(dim=1), dim=-1)
-                results.append(torch.einsum("hkd,hd->hk", unit, mean_unit))
+                results.append(key_cosine(k32))
+            elif req.statistic == pb.STATISTIC_VALUE_DEV_EXCLUDED:
+                weights = reference_weights(
+                    req.reference, pool_kernel=req.pool_kernel, keys=k32, values=v32,
+                    window_attention=_padded(acc.attn_window.get(req.window), num_kv_heads, length, k32.device),
+                    accumulated=_padded(acc.accumulated, num_kv_heads, length, k32.device),
+                    positions=self.cache.positions(layer))
+                results.append(excluded_deviation(weights, v32))
             else:
                 raise ValueError(f"the worker cannot compute statistic {req.statistic}")
         return results
 
 
 class PositionSource:
-    """What the collector needs of the cache: absolute positions per layer (for sliding windows)."""
+    """What the collector needs of the cache: absolute positions per layer (sliding windows, and
+    realigning accumulated attention after evictions)."""
 
     def positions(self, layer: int) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def to_wire(statistic: torch.Tensor, dtype: int) -> tensor_pb2.Tensor:
+    """A float32 statistic (Hkv, L) as the negotiated wire dtype, cast where it lies (GPU: half
+    the bytes to move)."""
+    if dtype == tensor_pb2.DTYPE_BFLOAT16:
+        return wire.encode_bfloat16_bits(statistic.to(torch.bfloat16).view(torch.int16).cpu().numpy())
+    if dtype == tensor_pb2.DTYPE_FLOAT16:
+        # Saturate instead of overflowing to inf, which the manager rejects.
+        statistic = statistic.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).to(torch.float16)
+    elif dtype != tensor_pb2.DTYPE_FLOAT32:
+        raise ValueError(f"no statistics encoding for {wire.dtype_name(dtype)}")
+    return wire.encode(statistic.cpu().numpy())
 
 
 def _grow_add(total: torch.Tensor | None, addition: torch.Tensor) -> torch.Tensor:

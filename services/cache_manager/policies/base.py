@@ -10,7 +10,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from kvevict.cache_manager.statistics import VALUE_DEV_WINDOW, StatisticRequirement
+from kvevict.cache_manager.statistics import VALUE_DEV_EXCLUDED, StatisticRequirement
+from kvevict.v1 import cache_manager_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,10 @@ class BasePolicy(ABC):
         """A non-negative, monotone transform of `score` that CAOTE normalises into attention."""
         return score
 
+    @abstractmethod
     def caote_reference(self) -> StatisticRequirement:
-        """The value-deviation statistic whose reference output matches this policy's attention."""
-        return StatisticRequirement(VALUE_DEV_WINDOW, 1)
+        """The VALUE_DEV_EXCLUDED statistic whose reference weights are this policy's
+        attention_like(score), computed by the worker (see `excluded_deviation`)."""
 
     def accumulate(self, previous: np.ndarray, statistics: Mapping[StatisticRequirement, np.ndarray]) -> np.ndarray:
         """New accumulator (kv_heads, cache_length) from the previous one (kv_heads, previous_length)."""
@@ -69,3 +71,8 @@ class BasePolicy(ABC):
     def options(self) -> dict[str, Any]:
         """The policy's own options and their values (for describe_policies and logs)."""
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def excluded_deviation(reference: int, window: int = 0, pool_kernel: int = 0) -> StatisticRequirement:
+    """||v_j - o_{-j}|| for the virtual query whose weights are `reference` (a pb.Reference)."""
+    return StatisticRequirement(VALUE_DEV_EXCLUDED, window, reference, pool_kernel)

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvevict.cache_manager.policies.base import BasePolicy, LayerContext
-from kvevict.cache_manager.statistics import ATTN_SUM, VALUE_DEV_RUNNING, StatisticRequirement
+from kvevict.cache_manager.policies.base import BasePolicy, LayerContext, excluded_deviation
+from kvevict.cache_manager.statistics import ATTN_SUM, StatisticRequirement
+from kvevict.v1 import cache_manager_pb2 as pb
 
 _ATTN_SUM = StatisticRequirement(ATTN_SUM)
 
@@ -37,6 +38,5 @@ class H2O(BasePolicy):
         return ctx.accumulator
 
     def caote_reference(self) -> StatisticRequirement:
-        # The accumulated attention is a running sum over all queries: its virtual query's output
-        # is the running mean output.
-        return StatisticRequirement(VALUE_DEV_RUNNING)
+        # The worker accumulates the same attention per cached token (kept tokens only, as here).
+        return excluded_deviation(pb.REFERENCE_ACCUMULATED_ATTENTION)

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvevict.cache_manager.policies.base import BasePolicy, LayerContext
+from kvevict.cache_manager.policies.base import BasePolicy, LayerContext, excluded_deviation
 from kvevict.cache_manager.statistics import KEY_COSINE, StatisticRequirement
+from kvevict.v1 import cache_manager_pb2 as pb
 
 _KEY_COSINE = StatisticRequirement(KEY_COSINE)
 
@@ -26,3 +27,6 @@ class KeyDiff(BasePolicy):
     def attention_like(self, score: np.ndarray) -> np.ndarray:
         # score = -cos in [-1, 1] -> (1 - cos) / 2 in [0, 1]; clip float16 rounding past +-1.
         return np.clip((1.0 + score) / 2.0, 0.0, None)
+
+    def caote_reference(self) -> StatisticRequirement:
+        return excluded_deviation(pb.REFERENCE_KEY_DISSIMILARITY)

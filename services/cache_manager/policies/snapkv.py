@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvevict.cache_manager.errors import InvalidArgument
-from kvevict.cache_manager.policies.base import BasePolicy, LayerContext
-from kvevict.cache_manager.statistics import ATTN_WINDOW, VALUE_DEV_WINDOW, StatisticRequirement
+from kvevict.cache_manager.policies.base import BasePolicy, LayerContext, excluded_deviation
+from kvevict.cache_manager.statistics import ATTN_WINDOW, StatisticRequirement
+from kvevict.v1 import cache_manager_pb2 as pb
 
 
 _DEFAULT_WINDOW = 32
@@ -56,4 +57,5 @@ class SnapKV(BasePolicy):
         return max_pool(ctx.statistics[StatisticRequirement(ATTN_WINDOW, self.window)], self.pool_kernel)
 
     def caote_reference(self) -> StatisticRequirement:
-        return StatisticRequirement(VALUE_DEV_WINDOW, self.window)
+        # The pooled window attention is the score CAOTE normalises: the worker pools the same way.
+        return excluded_deviation(pb.REFERENCE_WINDOW_ATTENTION, window=self.window, pool_kernel=self.pool_kernel)

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvevict.cache_manager.policies.base import BasePolicy, LayerContext
+from kvevict.cache_manager.policies.base import BasePolicy, LayerContext, excluded_deviation
+from kvevict.cache_manager.statistics import StatisticRequirement
+from kvevict.v1 import cache_manager_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -21,3 +23,6 @@ class Streaming(BasePolicy):
     def attention_like(self, score: np.ndarray) -> np.ndarray:
         # Shift per head so the oldest cached token weighs 1: positive and monotone.
         return score - score.min(axis=-1, keepdims=True) + 1.0
+
+    def caote_reference(self) -> StatisticRequirement:
+        return excluded_deviation(pb.REFERENCE_POSITION)

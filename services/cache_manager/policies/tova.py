@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvevict.cache_manager.policies.base import BasePolicy, LayerContext
-from kvevict.cache_manager.statistics import ATTN_WINDOW, VALUE_DEV_WINDOW, StatisticRequirement
+from kvevict.cache_manager.policies.base import BasePolicy, LayerContext, excluded_deviation
+from kvevict.cache_manager.statistics import ATTN_WINDOW, StatisticRequirement
+from kvevict.v1 import cache_manager_pb2 as pb
 
 _LAST_QUERY = StatisticRequirement(ATTN_WINDOW, 1)
 
@@ -25,4 +26,4 @@ class TOVA(BasePolicy):
 
     def caote_reference(self) -> StatisticRequirement:
         # Same single query: CAOTE is then exactly the output change of evicting each token.
-        return StatisticRequirement(VALUE_DEV_WINDOW, 1)
+        return excluded_deviation(pb.REFERENCE_WINDOW_ATTENTION, window=1, pool_kernel=1)

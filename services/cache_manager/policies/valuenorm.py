@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvevict.cache_manager.policies.base import BasePolicy, LayerContext
+from kvevict.cache_manager.policies.base import BasePolicy, LayerContext, excluded_deviation
 from kvevict.cache_manager.statistics import VALUE_DEV_MEAN, StatisticRequirement
+from kvevict.v1 import cache_manager_pb2 as pb
 
 _VALUE_DEV_MEAN = StatisticRequirement(VALUE_DEV_MEAN)
 
@@ -26,3 +27,6 @@ class ValueNorm(BasePolicy):
 
     def score(self, ctx: LayerContext) -> np.ndarray:
         return ctx.statistics[_VALUE_DEV_MEAN]
+
+    def caote_reference(self) -> StatisticRequirement:
+        return excluded_deviation(pb.REFERENCE_VALUE_DEVIATION)
