@@ -15,6 +15,7 @@ import argparse
 import os
 from pathlib import Path
 
+from kvevict import defaults
 from kvevict.cli_options import (add_eviction_flags, add_runtime_flags, add_sampling_flags, budget_spec,
                                  env_default, env_flag, policy_spec, statistics_dtype)
 
@@ -105,7 +106,7 @@ def run_serve(args: argparse.Namespace) -> int:
         model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
         threads=int(args.threads) if args.threads is not None else None, trust_remote_code=args.trust_remote_code,
         manager=args.manager, manager_timeout_s=args.manager_timeout, manager_retries=args.manager_retries,
-        eviction=EvictionDefaults(policy=policy_spec(args), budget=budget_spec(args), block_size=args.block_size or 128,
+        eviction=EvictionDefaults(policy=policy_spec(args), budget=budget_spec(args), block_size=args.block_size or defaults.BLOCK_SIZE,
                                   statistics_dtype=statistics_dtype(args), fail_open=fail_open),
         limits=Limits(default_max_new_tokens=args.default_max_new_tokens,
                       max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_tokens=args.max_prompt_tokens),
