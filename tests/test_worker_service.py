@@ -41,6 +41,7 @@ from kvevict.worker.prompts import eos_token_ids
 from kvevict.worker.sampling import SamplingConfig
 from kvevict.worker.scoring import score_tokens
 from tests.checkpoints import TEXT, save_tiny_checkpoint
+from tests.reflection_v1 import check_reflection_v1
 from tests.servers import ServerProcess, channel, free_port, start_manager, wait_until
 
 WORKER_READY = re.compile(r"event=worker\.ready .*\bport=(\d+)")
@@ -449,6 +450,10 @@ def test_health_is_serving_and_reflection_lists_the_services(worker):
                                               timeout=TIMEOUT)
     services = {s.name for answer in answers for s in answer.list_services_response.service}
     assert {"kvevict.v1.WorkerService", "grpc.health.v1.Health"} <= services
+
+
+def test_reflection_v1_lists_the_services_and_resolves_their_files(worker):
+    check_reflection_v1(worker.channel, "kvevict.v1.WorkerService", {"Generate", "Score"})
 
 
 def test_cli_client_generate_streams_text_then_the_summary(worker, reference, capsys):

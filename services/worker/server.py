@@ -20,7 +20,8 @@ deadline, shutdown) stops the generation at its next token; the generator then c
 manager session. Score runs to completion once started (it has no per-token hook).
 
 Health (grpc.health.v1) is NOT_SERVING while the model loads and SERVING from then on for ""
-and "kvevict.v1.WorkerService"; reflection lists WorkerService and Health. Prometheus metrics
+and "kvevict.v1.WorkerService"; reflection (grpc.reflection.v1 and v1alpha) lists WorkerService,
+Health and itself. Prometheus metrics
 (kvevict.worker.metrics) are served over HTTP on `metrics_port` (0: a free one, -1: none), on the
 same host as gRPC, from before the model loads.
 """
