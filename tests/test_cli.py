@@ -32,7 +32,8 @@ def test_generate_prints_text_and_an_eviction_summary(checkpoint, tmp_path, caps
     assert re.search(r"KV cache: .* used vs .* full cache \((\d+\.\d)% saved", out)
 
 
-@pytest.mark.parametrize("flags,field", [(["--policy", "nope"], "policy.base"),
+@pytest.mark.parametrize("flags,field", [(["--policy", "nope"], "--policy: 'nope': unknown base policy"),
+                                         (["--policy", "h2o+caote"], "--policy: 'h2o+caote': the wrapper comes first"),
                                          (["--wrapper", "caote", "--budget", "0"], "budget.tokens"),
                                          (["--sink", "40", "--budget", "16"], "policy.sink_tokens")])
 def test_bad_settings_exit_2_naming_the_field(checkpoint, capsys, flags, field):
