@@ -51,7 +51,8 @@ def build(opened: pb.OpenSessionResponse, layers: int, heads: int, sequence: int
     return request
 
 
-def measure(call, state_size, policy: tuple[str, str], shape: tuple[int, int, int, int], repeats: int) -> tuple[list[float], int, int]:
+def measure(call, state_size, policy: tuple[str, str], shape: tuple[int, int, int, int],
+            repeats: int) -> tuple[list[float], int, int]:
     """Times `repeats` full-cache reports through `call(OpenSession|ReportBlock request)`."""
     layers, heads, cached, block = shape
     base, wrapper = policy

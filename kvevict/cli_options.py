@@ -21,8 +21,8 @@ T = TypeVar("T")
 def add_eviction_flags(parser: argparse.ArgumentParser) -> None:
     """Policy, wrapper, budget, allocator, block size and the policy's options (defaults: kvevict.defaults)."""
     parser.add_argument("--policy", default=defaults.BASE,
-                        help="base policy, or wrapper+base such as caote+h2o (see `kvevict policies`; "
-                             "default: %(default)s)")
+                        help="base policy, or wrapper+base such as caote+h2o; see `kvevict policies` "
+                             "(default: %(default)s)")
     parser.add_argument("--wrapper", default=None, choices=WRAPPERS,
                         help=f"score wrapper, when --policy names none (default: {defaults.WRAPPER})")
     parser.add_argument("--budget", type=int, default=defaults.BUDGET_TOKENS,
@@ -40,18 +40,21 @@ def add_eviction_flags(parser: argparse.ArgumentParser) -> None:
 def add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 64,
                        max_new_tokens_help: str | None = None) -> None:
     """Tokens to generate, temperature, top-p and the seed (of sampling and of the random policy)."""
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=max_new_tokens_help)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0, help="seed of sampling and of the random policy")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                        help=max_new_tokens_help or "most tokens to generate (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1] (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of sampling and of the random policy (default: %(default)s)")
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     """Where and how the model runs: device, dtype, statistics dtype, CPU threads."""
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--device", default="cpu",
+                        help="any torch device: cpu, cuda, cuda:1, mps, ... (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype (default: %(default)s)")
     parser.add_argument("--statistics-dtype", default="float16", choices=tuple(STATISTICS_DTYPES),
-                        help="element type of the statistics sent to the manager")
+                        help="element type of the statistics sent to the manager (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 on <= 2 cores)")
 
 

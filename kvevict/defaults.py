@@ -37,9 +37,11 @@ def budget_spec() -> pb.BudgetSpec:
 
 
 def full_cache_policy() -> pb.PolicySpec:
-    """The policy of a run that evicts nothing (with `full_cache_budget()`)."""
-    return pb.PolicySpec(base=FULL_CACHE_BASE, wrapper="none")
+    """The policy of a run that evicts nothing (with `full_cache_budget()`); nothing protected, so
+    any budget of at least one token is valid."""
+    return pb.PolicySpec(base=FULL_CACHE_BASE, wrapper="none", sink_tokens=0, recent_tokens=0)
 
 
-def full_cache_budget() -> pb.BudgetSpec:
-    return pb.BudgetSpec(tokens=FULL_CACHE_BUDGET, allocator="uniform")
+def full_cache_budget(tokens: int = FULL_CACHE_BUDGET) -> pb.BudgetSpec:
+    """A budget of `tokens`: at least every token of the sequence, so none is evicted."""
+    return pb.BudgetSpec(tokens=tokens, allocator="uniform")

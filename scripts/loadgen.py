@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--wait", type=float, default=600.0, help="seconds to wait for the worker to be SERVING")
     args = parser.parse_args(argv)
     try:
-        args.policy_specs = [pb.PolicySpec(base=base, wrapper=wrapper) for base, wrapper in parse_policies(args.policies)]
+        args.policy_specs = [pb.PolicySpec(base=base, wrapper=wrapper)
+                             for base, wrapper in parse_policies(args.policies)]
     except ValueError as error:
         parser.error(str(error))
     if not 0 < args.min_chars <= args.max_chars:

@@ -495,6 +495,28 @@ def test_cli_client_chat_token_ids_and_score(worker, reference, tmp_path, capsys
     assert "INVALID_ARGUMENT: token_ids.ids[2]: " in capsys.readouterr().err
 
 
+def test_cli_client_json_is_what_the_generator_and_scoring_give_in_process(worker, reference, capsys):
+    ids = reference.ids(PROMPT)
+    expected = reference.generate(ids, 8, SAMPLED)
+    assert main(["client", "generate", "--worker", worker.address, PROMPT, "--policy", "caote+tova", "--budget", "16",
+                 "--block-size", "8", "--max-new-tokens", "8", "--temperature", "1.0", "--top-p", "0.9", "--seed", "3",
+                 "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["token_ids"] == expected.token_ids and got["completion"] == reference.text(expected.token_ids)
+    assert got["finish_reason"] in ("length", "eos") and got["policy"] == "caote+tova, budget 16 (uniform), block 8"
+    assert {k: v for k, v in got["summary"].items() if k in SUMMARY_NUMBERS} == \
+        {name: getattr(expected.summary, name) for name in SUMMARY_NUMBERS}
+    assert main(["client", "score", "--worker", worker.address, "--text", PROMPT, "--policy", "caote+tova",
+                 "--budget", "16", "--block-size", "8", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    with _one_thread():
+        in_process = score_tokens(reference.model, EmbeddedManagerClient(), EvictionSettings(
+            policy=EVICTING.policy, budget=EVICTING.budget, block_size=EVICTING.block_size), torch.tensor(ids))
+    assert scored["token_logprobs"] == in_process.token_logprobs.tolist()
+    assert scored["scored_tokens"] == len(ids) - 1 and math.isclose(scored["perplexity"], in_process.perplexity,
+                                                                   rel_tol=1e-6)
+
+
 # -- workers in trouble: no chat template, manager unreachable, SIGTERM --------------------
 
 
