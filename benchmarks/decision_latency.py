@@ -17,6 +17,7 @@ import numpy as np
 from kvevict import wire
 from kvevict.cache_manager.service import ManagerCore
 from kvevict.cache_manager.state import InMemoryStateStore
+from kvevict.policy_names import format_policy
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
 
@@ -77,7 +78,7 @@ def main() -> None:
         timings = sorted(measure(base, wrapper, args))
         p50 = statistics.median(timings) * 1e3
         p90 = timings[int(0.9 * (len(timings) - 1))] * 1e3
-        print(f"| {wrapper + '+' + base if wrapper != 'none' else base:<18} | {p50:>7.2f} | {p90:>7.2f} |")
+        print(f"| {format_policy(base, wrapper):<18} | {p50:>7.2f} | {p90:>7.2f} |")
 
 
 if __name__ == "__main__":

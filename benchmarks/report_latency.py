@@ -9,7 +9,7 @@ validation, decision, encode, SET + EXEC, response. "no cache" is a replica star
 that did not serve the session's previous report does). Prints p50/p90 per transport, shape and
 policy, with the request and stored state sizes.
 
-    .venv/bin/python benchmarks/report_latency.py [--repeats 20] [--policies h2o+caote,tova]
+    .venv/bin/python benchmarks/report_latency.py [--repeats 20] [--policies caote+h2o,tova]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.servers: t
 
 from kvevict import wire  # noqa: E402
 from kvevict.cache_manager import InMemoryStateStore, ManagerCore  # noqa: E402
+from kvevict.policy_names import format_policy, parse_policies  # noqa: E402
 from kvevict.v1 import cache_manager_pb2 as pb  # noqa: E402
 from kvevict.v1 import tensor_pb2  # noqa: E402
 from tests.servers import RedisServer, channel, manager_stub, start_manager  # noqa: E402
@@ -50,10 +51,11 @@ def build(opened: pb.OpenSessionResponse, layers: int, heads: int, sequence: int
     return request
 
 
-def measure(call, state_size, policy: str, shape: tuple[int, int, int, int], repeats: int) -> tuple[list[float], int, int]:
+def measure(call, state_size, policy: tuple[str, str], shape: tuple[int, int, int, int],
+            repeats: int) -> tuple[list[float], int, int]:
     """Times `repeats` full-cache reports through `call(OpenSession|ReportBlock request)`."""
     layers, heads, cached, block = shape
-    base, _, wrapper = policy.partition("+")
+    base, wrapper = policy
     opened = call(pb.OpenSessionRequest(
         geometry=pb.ModelGeometry(num_layers=layers, num_kv_heads=heads, num_query_heads=heads * 4, head_dim=128),
         policy=pb.PolicySpec(base=base, wrapper=wrapper, sink_tokens=4, recent_tokens=32),
@@ -73,9 +75,12 @@ def measure(call, state_size, policy: str, shape: tuple[int, int, int, int], rep
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--policies", default="h2o+caote,tova", help="comma-separated base[+wrapper]")
+    parser.add_argument("--policies", default="caote+h2o,tova", help="comma-separated [wrapper+]base")
     args = parser.parse_args()
-    policies = args.policies.split(",")
+    try:
+        policies = parse_policies(args.policies)
+    except ValueError as error:
+        parser.error(str(error))
     rows = []
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp)) as redis:
         with redis.client() as client, start_manager(redis.url) as remote, start_manager("memory://") as memory, \
@@ -101,7 +106,7 @@ def main() -> None:
                                 return method(request, timeout=60)
                         timings, request_bytes, state_bytes = measure(call, size or (lambda sid: 0), policy, shape, args.repeats)
                         timings.sort()
-                        rows.append((shape_name, policy, name, request_bytes, state_bytes,
+                        rows.append((shape_name, format_policy(*policy), name, request_bytes, state_bytes,
                                      statistics.median(timings) * 1e3, timings[int(0.9 * (len(timings) - 1))] * 1e3))
             for ch in channels:
                 ch.close()

@@ -7,6 +7,8 @@ import argparse
 import os
 from typing import TypeVar
 
+from kvevict import defaults
+from kvevict.policy_names import NO_WRAPPER, format_policy, parse_policy
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
 
@@ -20,40 +22,63 @@ T = TypeVar("T")
 
 
 def add_eviction_flags(parser: argparse.ArgumentParser) -> None:
-    """Policy, wrapper, budget, allocator, block size and the policy's options."""
-    parser.add_argument("--policy", default="tova", help="base policy (see `kvevict policies`)")
-    parser.add_argument("--wrapper", default="none", choices=WRAPPERS, help="score wrapper")
-    parser.add_argument("--budget", type=int, default=512, help="tokens kept per KV head per layer")
-    parser.add_argument("--allocator", default="uniform", help="per-layer budget allocator")
-    parser.add_argument("--block-size", type=int, default=128, help="tokens per prefill block / decode report")
-    parser.add_argument("--sink", type=int, default=None, help="first tokens never evicted (policy default)")
-    parser.add_argument("--recent", type=int, default=None, help="recent tokens never evicted (policy default)")
-    parser.add_argument("--window", type=int, default=0, help="observation window (snapkv; 0 = default)")
-    parser.add_argument("--pool-kernel", type=int, default=0, help="pooling kernel (snapkv; 0 = default)")
+    """Policy, wrapper, budget, allocator, block size and the policy's options (defaults: kvevict.defaults)."""
+    parser.add_argument("--policy", default=defaults.BASE,
+                        help="base policy, or wrapper+base such as caote+h2o; see `kvevict policies` "
+                             "(default: %(default)s)")
+    parser.add_argument("--wrapper", default=None, choices=WRAPPERS,
+                        help=f"score wrapper, when --policy names none (default: {defaults.WRAPPER})")
+    parser.add_argument("--budget", type=int, default=defaults.BUDGET_TOKENS,
+                        help="tokens kept per KV head per layer, on average (default: %(default)s)")
+    parser.add_argument("--allocator", default=defaults.ALLOCATOR,
+                        help="per-layer budget allocator: uniform, pyramid or adaptive (default: %(default)s)")
+    parser.add_argument("--block-size", type=int, default=defaults.BLOCK_SIZE,
+                        help="tokens per prefill block / decode report (default: %(default)s)")
+    parser.add_argument("--sink", type=int, default=None, help="first tokens never evicted (default: the policy's)")
+    parser.add_argument("--recent", type=int, default=None, help="recent tokens never evicted (default: the policy's)")
+    parser.add_argument("--window", type=int, default=0, help="observation window (snapkv; 0 = the policy's default)")
+    parser.add_argument("--pool-kernel", type=int, default=0, help="pooling kernel (snapkv; 0 = the policy's default)")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 64,
                        max_new_tokens_help: str | None = None) -> None:
     """Tokens to generate, temperature, top-p and the seed (of sampling and of the random policy)."""
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=max_new_tokens_help)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0, help="seed of sampling and of the random policy")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                        help=max_new_tokens_help or "most tokens to generate (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1] (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of sampling and of the random policy (default: %(default)s)")
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     """Where and how the model runs: device, dtype, statistics dtype, CPU threads."""
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--device", default="cpu",
+                        help="any torch device: cpu, cuda, cuda:1, mps, ... (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype (default: %(default)s)")
     parser.add_argument("--statistics-dtype", default="auto", choices=tuple(STATISTICS_DTYPES),
                         help="element type of the statistics sent to the manager (auto: 2 bytes each, "
-                             "bfloat16 or float16 per statistic; float16 flushes probabilities below 6e-8)")
+                             "bfloat16 or float16 per statistic; float16 flushes probabilities below 6e-8; "
+                             "default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 on <= 2 cores)")
 
 
+def policy_names(args: argparse.Namespace) -> tuple[str, str]:
+    """(base, wrapper) of --policy and --wrapper; ValueError when --policy is misspelt or both
+    name a wrapper."""
+    base, wrapper = parse_policy(args.policy, "--policy")
+    if args.wrapper is not None:
+        if wrapper != NO_WRAPPER:
+            raise ValueError(f"--wrapper {args.wrapper}: --policy {args.policy} names its wrapper already; "
+                             f"give the wrapper once")
+        wrapper = args.wrapper
+    return base, wrapper
+
+
 def policy_spec(args: argparse.Namespace) -> pb.PolicySpec:
-    """The PolicySpec of the eviction flags; ValueError names a negative flag."""
-    spec = pb.PolicySpec(base=args.policy, wrapper=args.wrapper, window=args.window,
+    """The PolicySpec of the eviction flags; ValueError names a misspelt or negative flag."""
+    base, wrapper = policy_names(args)
+    spec = pb.PolicySpec(base=base, wrapper=wrapper, window=args.window,
                          pool_kernel=args.pool_kernel, seed=getattr(args, "seed", 0))
     for flag, field in ((args.sink, "sink_tokens"), (args.recent, "recent_tokens")):
         if flag is not None:
@@ -77,8 +102,7 @@ def statistics_dtype(args: argparse.Namespace) -> int:
 
 def policy_label(args: argparse.Namespace) -> str:
     """e.g. `caote+tova, budget 512 (uniform), block 128` (the summary's title)."""
-    wrapper = "" if args.wrapper == "none" else f"{args.wrapper}+"
-    return f"{wrapper}{args.policy}, budget {args.budget} ({args.allocator}), block {args.block_size}"
+    return f"{format_policy(*policy_names(args))}, budget {args.budget} ({args.allocator}), block {args.block_size}"
 
 
 def env_default(name: str, default: T) -> str | T:

@@ -9,21 +9,27 @@ import time
 from collections.abc import Callable
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# grpcio-reflection ships only v1alpha; grpc.reflection.v1 (what grpcurl and current clients ask
+# first) is the same protocol, message for message and field for field, in another package.
+REFLECTION_V1_PACKAGE = "grpc.reflection.v1"
+REFLECTION_V1_FILE = "grpc/reflection/v1/reflection.proto"
+REFLECTION_V1_SERVICE_NAME = f"{REFLECTION_V1_PACKAGE}.ServerReflection"
 
 
 class ServiceHealth:
-    """grpc.health.v1 for "" and one service; both start NOT_SERVING."""
+    """grpc.health.v1 for "" and one service; both start NOT_SERVING. Also adds reflection."""
 
     def __init__(self, server: grpc.aio.Server, service_name: str) -> None:
         self.servicer = health.aio.HealthServicer()
         self.names = ("", service_name)
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
-        # Reflection lists the service, health and reflection itself.
-        reflection.enable_server_reflection((service_name, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+        enable_reflection(server, (service_name, HEALTH_SERVICE_NAME))
 
     async def set(self, status: int) -> None:
         for name in self.names:
@@ -31,6 +37,44 @@ class ServiceHealth:
 
     async def enter_graceful_shutdown(self) -> None:
         await self.servicer.enter_graceful_shutdown()
+
+
+def enable_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:
+    """Server reflection, v1 and v1alpha, listing `service_names` and both reflection services."""
+    reflection_v1_file()  # the v1 file must be in the default pool for clients to resolve it
+    servicer = reflection.aio.ReflectionServicer(
+        (*service_names, REFLECTION_V1_SERVICE_NAME, reflection.SERVICE_NAME))
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    # The v1 method answers with the same servicer: its messages have v1alpha's wire format.
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1_SERVICE_NAME, {"ServerReflectionInfo": v1}),))
+
+
+def reflection_v1_file() -> FileDescriptor:
+    """grpc/reflection/v1/reflection.proto in the default descriptor pool: v1alpha's file with its
+    package renamed (added once per process)."""
+    pool = descriptor_pool.Default()
+    try:
+        return pool.FindFileByName(REFLECTION_V1_FILE)
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    old_prefix, new_prefix = f".{proto.package}.", f".{REFLECTION_V1_PACKAGE}."
+    proto.name, proto.package = REFLECTION_V1_FILE, REFLECTION_V1_PACKAGE
+    proto.options.Clear()  # v1alpha's options name v1alpha's Java/Go packages
+    for message in proto.message_type:
+        for field in message.field:
+            if field.type_name.startswith(old_prefix):
+                field.type_name = new_prefix + field.type_name[len(old_prefix):]
+    for service in proto.service:
+        for method in service.method:
+            method.input_type = new_prefix + method.input_type[len(old_prefix):]
+            method.output_type = new_prefix + method.output_type[len(old_prefix):]
+    return pool.AddSerializedFile(proto.SerializeToString())
 
 
 def bind(server: grpc.aio.Server, host: str, port: int) -> int:

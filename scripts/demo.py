@@ -88,9 +88,9 @@ def run() -> int:
     print("\n######## 2. Python code: continuing a prompt ########")
     common = ["generate", "--model", args.model, "--prompt-file", args.prompt_file,
               "--max-new-tokens", str(args.max_new_tokens), "--block-size", "32", "--no-progress"]
-    runs = [("full cache (budget above the prompt length)", ["--policy", "h2o", "--budget", "100000"]),
+    runs = [("full cache (nothing evicted)", ["--full-cache"]),
             (f"CAOTE + H2O, budget {args.budget} tokens per KV head",
-             ["--policy", "h2o", "--wrapper", "caote", "--budget", str(args.budget), "--sink", "4"])]
+             ["--policy", "caote+h2o", "--budget", str(args.budget), "--sink", "4"])]
     prompt_tail = Path(args.prompt_file).read_text().rstrip("\n").splitlines()[-4:]
     print(f"prompt: {os.path.relpath(args.prompt_file)} ({len(Path(args.prompt_file).read_text())} characters), ending with:")
     print("\n".join("    | " + line for line in prompt_tail))

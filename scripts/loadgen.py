@@ -6,12 +6,12 @@ dashboards have something to show (docker-compose.yml runs it under the `loadgen
 
 Each request takes a slice of this very file as its prompt (Python source, what the demo model
 knows; random length between --min-chars and --max-chars), and the next policy of --policies in
-turn (`base[+wrapper]`), with sampling seeded by the request number. --concurrency senders keep
+turn (`[wrapper+]base`, e.g. `caote+h2o`), with sampling seeded by the request number. --concurrency senders keep
 that many requests in flight (the worker runs one at a time, the others wait in its queue). It
 waits for the worker's health to be SERVING first. One logfmt line per request; a failed request
 is logged and the loop goes on (the worker may be restarting). Exit status: 0 when every request
 succeeded, 1 otherwise.
-Needs only grpcio, grpcio-health-checking and the kvevict stubs (no torch).
+Needs what the manager image holds (grpcio, grpcio-health-checking, numpy, kvevict; no torch).
 """
 
 from __future__ import annotations
@@ -33,20 +33,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvevict import logs
 from kvevict.grpc_options import channel_options
 from kvevict.logs import log_event
+from kvevict.policy_names import format_policy, parse_policies
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("kvevict.loadgen")
-DEFAULT_POLICIES = "h2o+caote,tova+caote,snapkv+fastcaote,keydiff+caote"
+DEFAULT_POLICIES = "caote+h2o,caote+tova,fastcaote+snapkv,caote+keydiff"
 SOURCE = Path(__file__).read_text()
-
-
-def parse_policy(text: str) -> pb.PolicySpec:
-    """`h2o+caote` -> PolicySpec(base="h2o", wrapper="caote"); `tova` -> no wrapper."""
-    base, _, wrapper = text.strip().partition("+")
-    if not base:
-        raise ValueError(f"--policies: empty policy in {text!r}")
-    return pb.PolicySpec(base=base, wrapper=wrapper or "none")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds between the end of a request and the next one of the same sender")
     parser.add_argument("--concurrency", type=int, default=1,
                         help="requests in flight at once (the worker serves one at a time: the rest queue)")
-    parser.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated base[+wrapper], used in turn")
+    parser.add_argument("--policies", default=DEFAULT_POLICIES,
+                        help="comma-separated [wrapper+]base, used in turn (default: %(default)s)")
     parser.add_argument("--budget", type=int, default=64, help="tokens kept per KV head per layer")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per prefill block / decode report")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -69,7 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline of one request, seconds")
     parser.add_argument("--wait", type=float, default=600.0, help="seconds to wait for the worker to be SERVING")
     args = parser.parse_args(argv)
-    args.policy_specs = [parse_policy(p) for p in args.policies.split(",")]
+    try:
+        args.policy_specs = [pb.PolicySpec(base=base, wrapper=wrapper)
+                             for base, wrapper in parse_policies(args.policies)]
+    except ValueError as error:
+        parser.error(str(error))
     if not 0 < args.min_chars <= args.max_chars:
         parser.error("need 0 < --min-chars <= --max-chars")
     if args.concurrency < 1 or args.requests < 0:
@@ -106,7 +104,7 @@ def send(stub: worker_pb2_grpc.WorkerServiceStub, args: argparse.Namespace, numb
     """Sends request `number` (its prompt and seed depend only on --seed and the number); True if OK."""
     message = request(args, number, random.Random(args.seed * 1_000_003 + number))
     policy = message.eviction.policy
-    fields = {"n": number, "policy": f"{policy.base}+{policy.wrapper}", "prompt_chars": len(message.text)}
+    fields = {"n": number, "policy": format_policy(policy.base, policy.wrapper), "prompt_chars": len(message.text)}
     started = time.monotonic()
     try:
         summary = None

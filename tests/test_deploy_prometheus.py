@@ -49,9 +49,9 @@ SESSION_TTL_S = 3
 # Three senders: while two requests wait behind the running one, the queue is not empty.
 LOAD = ["--requests", "6", "--concurrency", "3", "--interval", "0", "--max-new-tokens", "48", "--budget", "32",
         "--block-size", "16", "--min-chars", "200", "--max-chars", "600",
-        "--policies", "h2o+caote,tova+caote,snapkv+fastcaote"]
+        "--policies", "caote+h2o,caote+tova,fastcaote+snapkv"]
 OUTAGE_LOAD = ["--requests", "1", "--interval", "0", "--max-new-tokens", "24", "--budget", "32", "--block-size", "16",
-               "--min-chars", "200", "--max-chars", "600", "--policies", "h2o+caote"]
+               "--min-chars", "200", "--max-chars", "600", "--policies", "caote+h2o"]
 
 
 def prometheus_config(ports: dict[str, int], path: Path) -> Path:

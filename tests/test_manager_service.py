@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from kvevict.cache_manager import InMemoryStateStore, ManagerCore, SessionState
 from kvevict.cache_manager.transitions import policies_response
 from kvevict.v1 import cache_manager_pb2 as pb
+from tests.reflection_v1 import check_reflection_v1
 from tests.servers import channel, manager_stub, start_managers
 from tests.test_manager_support import GEOMETRY, Session, open_request
 from tests.test_manager_validation import OPEN_CASES, REPORT_CASES
@@ -312,3 +313,9 @@ def test_reflection_alone_is_enough_to_call_list_policies(replicas: Replicas) ->
         answer = call(request_class(), timeout=TIMEOUT)
         assert answer.SerializeToString() == policies_response().SerializeToString()
         assert any(p.name == "snapkv" and any(o.name == "pool_kernel" for o in p.options) for p in answer.policies)
+
+
+def test_reflection_v1_lists_the_services_and_resolves_their_files(replicas: Replicas) -> None:
+    with channel(replicas.processes[0].address) as ch:
+        check_reflection_v1(ch, "kvevict.v1.CacheManagerService",
+                            {"OpenSession", "ReportBlock", "CloseSession", "GetSession", "ListPolicies"})

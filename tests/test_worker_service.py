@@ -41,6 +41,7 @@ from kvevict.worker.prompts import eos_token_ids
 from kvevict.worker.sampling import SamplingConfig
 from kvevict.worker.scoring import score_tokens
 from tests.checkpoints import TEXT, save_tiny_checkpoint
+from tests.reflection_v1 import check_reflection_v1
 from tests.servers import ServerProcess, channel, free_port, start_manager, wait_until
 
 WORKER_READY = re.compile(r"event=worker\.ready .*\bport=(\d+)")
@@ -106,10 +107,14 @@ def plain_checkpoint(tmp_path_factory) -> Path:
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-plain"), seed=1)
 
 
+# The shared worker's eviction defaults: EVICTING's policy and block, a budget nothing here reaches.
+DEFAULT_EVICTION = ("--policy", "caote+tova", "--block-size", "8")
+
+
 @pytest.fixture(scope="module")
 def worker(checkpoint):
-    """The worker most tests share: embedded manager, small limits."""
-    (process,) = start_workers(worker_argv(checkpoint, *LIMITS))
+    """The worker most tests share: embedded manager, small limits, DEFAULT_EVICTION."""
+    (process,) = start_workers(worker_argv(checkpoint, *LIMITS, *DEFAULT_EVICTION))
     connected = _connect(process)
     yield connected
     connected.channel.close()
@@ -256,9 +261,30 @@ def test_max_new_tokens_ends_with_length_and_zero_means_the_workers_default(work
         got = generate(worker.stub, text=PROMPT, max_new_tokens=asked)
         assert finish(got.final.finish_reason) == "FINISH_REASON_LENGTH"
         assert len(got.token_ids) == got.final.summary.generated_tokens == expected
-    # Without `eviction`: the worker's defaults (tova, budget 512), so nothing is evicted here.
+    # Without `eviction`: the worker's defaults (caote+tova, budget 512), so nothing is evicted here.
     unset = got.final.summary
     assert sum(unset.evicted_per_layer) == 0 and list(unset.layer_budgets) == [512, 512]
+
+
+@pytest.mark.parametrize("options", [
+    worker_pb2.EvictionOptions(budget=pb.BudgetSpec(tokens=16)),
+    worker_pb2.EvictionOptions(policy=pb.PolicySpec(base="tova", wrapper="caote"), budget=pb.BudgetSpec(tokens=16)),
+], ids=["budget-only", "no-block-size"])
+def test_eviction_options_fields_left_unset_take_the_workers_defaults(worker, reference, options):
+    """The worker runs caote+tova with block 8 by default: a request that sets only some fields of
+    EvictionOptions generates exactly as EVICTING (caote+tova, budget 16, block 8) in process."""
+    ids = reference.ids(PROMPT)
+    expected = reference.generate(ids, 12, SAMPLED, eviction=EVICTING)
+    got = generate(worker.stub, text=PROMPT, eviction=options, sampling=SAMPLED, max_new_tokens=12)
+    assert got.token_ids == expected.token_ids
+    assert_same_summary(got.final.summary, expected.summary)
+    assert list(got.final.summary.layer_budgets) == [16, 16] and sum(got.final.summary.evicted_per_layer) > 0
+    scored = worker.stub.Score(worker_pb2.ScoreRequest(token_ids=worker_pb2.TokenIds(ids=ids), eviction=options),
+                               timeout=TIMEOUT)
+    with _one_thread():
+        in_process = score_tokens(reference.model, EmbeddedManagerClient(), EvictionSettings(
+            policy=EVICTING.policy, budget=EVICTING.budget, block_size=EVICTING.block_size), torch.tensor(ids))
+    assert np.array_equal(wire.decode(scored.token_logprobs, "token_logprobs"), in_process.token_logprobs.numpy())
 
 
 # -- cancellation and concurrency ----------------------------------------------------------
@@ -361,8 +387,10 @@ BAD_GENERATE = [
     ({"text": "x", "stop": [""]}, INVALID, "stop[0]"),
     ({"text": "x", "eviction": worker_pb2.EvictionOptions(policy=pb.PolicySpec(base="nope"), budget=pb.BudgetSpec(tokens=8))},
      INVALID, "eviction.policy.base"),
-    ({"text": "x", "eviction": worker_pb2.EvictionOptions(policy=pb.PolicySpec(base="tova"))}, INVALID,
-     "eviction.budget.tokens"),
+    ({"text": "x", "eviction": worker_pb2.EvictionOptions(policy=pb.PolicySpec(base="tova"), budget=pb.BudgetSpec())},
+     INVALID, "eviction.budget.tokens"),
+    ({"text": "x", "eviction": worker_pb2.EvictionOptions(policy=pb.PolicySpec(wrapper="caote"))}, INVALID,
+     "eviction.policy.base"),
     ({"text": "x", "eviction": worker_pb2.EvictionOptions(policy=pb.PolicySpec(base="tova", wrapper="zap"),
                                                           budget=pb.BudgetSpec(tokens=8))}, INVALID, "eviction.policy.wrapper"),
     ({"text": "x", "eviction": worker_pb2.EvictionOptions(policy=pb.PolicySpec(base="tova", sink_tokens=40),
@@ -424,6 +452,10 @@ def test_health_is_serving_and_reflection_lists_the_services(worker):
     assert {"kvevict.v1.WorkerService", "grpc.health.v1.Health"} <= services
 
 
+def test_reflection_v1_lists_the_services_and_resolves_their_files(worker):
+    check_reflection_v1(worker.channel, "kvevict.v1.WorkerService", {"Generate", "Score"})
+
+
 def test_cli_client_generate_streams_text_then_the_summary(worker, reference, capsys):
     ids = reference.ids(PROMPT)
     expected = reference.generate(ids, 8, SAMPLED)
@@ -461,6 +493,28 @@ def test_cli_client_chat_token_ids_and_score(worker, reference, tmp_path, capsys
     assert "== eviction summary: tova, budget 16 (uniform), block 8 ==" in out
     assert main(["client", "generate", "--worker", worker.address, "--token-ids", "1,2,100000"]) == 2
     assert "INVALID_ARGUMENT: token_ids.ids[2]: " in capsys.readouterr().err
+
+
+def test_cli_client_json_is_what_the_generator_and_scoring_give_in_process(worker, reference, capsys):
+    ids = reference.ids(PROMPT)
+    expected = reference.generate(ids, 8, SAMPLED)
+    assert main(["client", "generate", "--worker", worker.address, PROMPT, "--policy", "caote+tova", "--budget", "16",
+                 "--block-size", "8", "--max-new-tokens", "8", "--temperature", "1.0", "--top-p", "0.9", "--seed", "3",
+                 "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["token_ids"] == expected.token_ids and got["completion"] == reference.text(expected.token_ids)
+    assert got["finish_reason"] in ("length", "eos") and got["policy"] == "caote+tova, budget 16 (uniform), block 8"
+    assert {k: v for k, v in got["summary"].items() if k in SUMMARY_NUMBERS} == \
+        {name: getattr(expected.summary, name) for name in SUMMARY_NUMBERS}
+    assert main(["client", "score", "--worker", worker.address, "--text", PROMPT, "--policy", "caote+tova",
+                 "--budget", "16", "--block-size", "8", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    with _one_thread():
+        in_process = score_tokens(reference.model, EmbeddedManagerClient(), EvictionSettings(
+            policy=EVICTING.policy, budget=EVICTING.budget, block_size=EVICTING.block_size), torch.tensor(ids))
+    assert scored["token_logprobs"] == in_process.token_logprobs.tolist()
+    assert scored["scored_tokens"] == len(ids) - 1 and math.isclose(scored["perplexity"], in_process.perplexity,
+                                                                   rel_tol=1e-6)
 
 
 # -- workers in trouble: no chat template, manager unreachable, SIGTERM --------------------

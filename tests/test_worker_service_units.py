@@ -3,6 +3,7 @@ FIFO model queue, request validation, and the summary on the wire."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import threading
 import time
@@ -10,8 +11,11 @@ import time
 import pytest
 from transformers import AutoTokenizer
 
+from kvevict import defaults
+from kvevict.cli_options import add_eviction_flags, budget_spec, policy_spec
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import worker_pb2
+from kvevict.worker.cache_session import EvictionSettings
 from kvevict.worker import prompts
 from kvevict.worker.summary import EvictionSummary
 from kvevict.worker.prompts import ErrorKind, EvictionDefaults, Limits, RequestError
@@ -168,7 +172,7 @@ def test_sampling_and_eviction_are_validated():
     _raises(sampling(top_p=1.5), "sampling.top_p")
     _raises(sampling(top_p=-0.1), "sampling.top_p")
     assert prompts.sampling_config(worker_pb2.SamplingOptions()).top_p == 1.0  # 0 means 1
-    defaults = EvictionDefaults(policy=pb.PolicySpec(base="tova"), budget=pb.BudgetSpec(tokens=64))
+    defaults = EvictionDefaults(policy=pb.PolicySpec(base="tova"), budget=pb.BudgetSpec(tokens=64), block_size=32)
 
     def eviction(**options):
         request = worker_pb2.GenerateRequest(eviction=worker_pb2.EvictionOptions(**options))
@@ -178,10 +182,29 @@ def test_sampling_and_eviction_are_validated():
     _raises(eviction(policy=pb.PolicySpec(base="tova"), budget=pb.BudgetSpec(tokens=0)), "eviction.budget.tokens")
     _raises(eviction(policy=pb.PolicySpec(base="tova", sink_tokens=40), budget=pb.BudgetSpec(tokens=16)),
             "eviction.policy.sink_tokens")
+    _raises(eviction(policy=pb.PolicySpec(wrapper="caote")), "eviction.policy.base")
     unset = prompts.eviction_settings(worker_pb2.GenerateRequest(), defaults, GEOMETRY)
-    assert unset.policy.base == "tova" and unset.budget.tokens == 64 and unset.block_size == 128
+    assert unset.policy.base == "tova" and unset.budget.tokens == 64 and unset.block_size == 32
     given = eviction(policy=pb.PolicySpec(base="h2o"), budget=pb.BudgetSpec(tokens=8))()
-    assert given.policy.base == "h2o" and given.block_size == 128  # block_size 0 means 128
+    assert given.policy.base == "h2o" and given.block_size == 32  # block_size 0: the worker's
+    budget_only = eviction(budget=pb.BudgetSpec(tokens=8))()  # the policy: the worker's
+    assert (budget_only.policy.base, budget_only.budget.tokens, budget_only.block_size) == ("tova", 8, 32)
+    policy_only = eviction(policy=pb.PolicySpec(base="h2o"), block_size=4)()  # the budget: the worker's
+    assert (policy_only.policy.base, policy_only.budget.tokens, policy_only.block_size) == ("h2o", 64, 4)
+
+
+def test_the_eviction_defaults_are_one_set_everywhere():
+    """The CLI's flags, the worker service's defaults and EvictionSettings (the Python API) all
+    default to kvevict.defaults."""
+    parser = argparse.ArgumentParser()
+    add_eviction_flags(parser)
+    args = parser.parse_args([])
+    worker, python_api = EvictionDefaults(), EvictionSettings()
+    expected = (defaults.BASE, defaults.WRAPPER, defaults.BUDGET_TOKENS, defaults.ALLOCATOR, defaults.BLOCK_SIZE)
+    for policy, budget, block_size in ((policy_spec(args), budget_spec(args), args.block_size),
+                                       (worker.policy, worker.budget, worker.block_size),
+                                       (python_api.policy, python_api.budget, python_api.block_size)):
+        assert (policy.base, policy.wrapper, budget.tokens, budget.allocator, block_size) == expected
 
 
 def test_the_wire_summary_carries_every_field_of_the_generators_summary():

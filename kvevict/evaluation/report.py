@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kvevict.policy_names import format_policy
+
 RETRIEVAL = "retrieval"
 TEXT = "text"
 
@@ -276,7 +278,7 @@ def plot_by_base(rows: Sequence[Row], task: str, path: Path, allocator: str = "u
     figure, axes = _panels(len(bases))
     for axis, base in zip(axes, bases):
         for wrapper, style in (("none", "o-"), ("caote", "s-"), ("fastcaote", "^-")):
-            policy = base if wrapper == "none" else f"{wrapper}+{base}"
+            policy = format_policy(base, wrapper)
             _curve(axis, cells, policy, allocator, scale, style, policy)
         for control, style in zip(controls, (":", "--")):
             _curve(axis, cells, control, None, scale, style, control.removeprefix("control: "), bars=False)
@@ -296,5 +298,6 @@ def plot_allocators(rows: Sequence[Row], task: str, path: Path, wrapper: str = "
     figure, axes = _panels(len(bases))
     for axis, base in zip(axes, bases):
         for allocator, style in zip(dict.fromkeys(r.allocator for r in rows), ("o-", "s-", "^-")):
-            _curve(axis, cells, f"{wrapper}+{base}", allocator, scale, style, allocator)
-    return _finish(figure, axes, task, [f"{wrapper}+{b}" for b in bases], f"{task}: allocators under {wrapper}", path)
+            _curve(axis, cells, format_policy(base, wrapper), allocator, scale, style, allocator)
+    return _finish(figure, axes, task, [format_policy(b, wrapper) for b in bases], f"{task}: allocators under {wrapper}",
+                   path)

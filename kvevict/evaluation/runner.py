@@ -19,14 +19,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kvevict import defaults
 from kvevict.evaluation.retrieval_task import RetrievalExample
+from kvevict.policy_names import format_policy
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.worker.cache_session import CacheSession, EvictionSettings
 from kvevict.worker.manager_client import EmbeddedManagerClient, ManagerClient
 from kvevict.worker.scoring import score_tokens
 
 # A budget no prompt reaches: the cache is never evicted (the full-cache reference).
-FULL_CACHE_BUDGET = 2**31 - 1
+FULL_CACHE_BUDGET = defaults.FULL_CACHE_BUDGET
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,7 @@ class EvictionConfig:
     def name(self) -> str:
         if self.label:
             return self.label
-        wrapper = "" if self.wrapper == "none" else f"{self.wrapper}+"
-        return f"{wrapper}{self.base}"
+        return format_policy(self.base, self.wrapper)
 
     def settings(self, budget: int, block_size: int, seed: int = 0) -> EvictionSettings:
         policy = pb.PolicySpec(base=self.base, wrapper=self.wrapper, seed=seed)
@@ -57,7 +58,7 @@ class EvictionConfig:
                                 block_size=block_size)
 
 
-FULL_CACHE = EvictionConfig(base="streaming", label="full cache")
+FULL_CACHE = EvictionConfig(base=defaults.FULL_CACHE_BASE, label="full cache")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from kvevict import wire
+from kvevict import defaults, wire
 from kvevict.cache_manager.errors import NotFound
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
@@ -38,9 +38,9 @@ ForwardObserver = Callable[[torch.Tensor, list[torch.Tensor]], None]
 class EvictionSettings:
     """What a generation asks of the manager."""
 
-    policy: pb.PolicySpec
-    budget: pb.BudgetSpec
-    block_size: int = 128
+    policy: pb.PolicySpec = field(default_factory=defaults.policy_spec)
+    budget: pb.BudgetSpec = field(default_factory=defaults.budget_spec)
+    block_size: int = defaults.BLOCK_SIZE
     # DTYPE_UNSPECIFIED: the manager chooses per statistic (bfloat16 or float16, 2 bytes each).
     statistics_dtype: int = tensor_pb2.DTYPE_UNSPECIFIED
     # When the manager stays unreachable (or lost the session), go on with the same policy code

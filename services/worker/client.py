@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import grpc
-import numpy as np
 
 from kvevict import wire
 from kvevict.cli_options import budget_spec, policy_label, policy_spec
 from kvevict.grpc_options import channel_options
 from kvevict.v1 import worker_pb2, worker_pb2_grpc
-from kvevict.worker.summary import EvictionSummary, format_summary as format_generator_summary
+from kvevict.worker import output
+from kvevict.worker.summary import EvictionSummary
 
 
 def eviction_options(args: argparse.Namespace) -> worker_pb2.EvictionOptions:
@@ -54,22 +54,17 @@ def generate_request(args: argparse.Namespace) -> worker_pb2.GenerateRequest:
     return request
 
 
-def format_summary(message: worker_pb2.EvictionSummary, policy: str) -> str:
-    """The table of `kvevict generate`, plus a line when the worker failed open."""
-    text = format_generator_summary(EvictionSummary.from_proto(message), policy=policy)
-    if message.manager_fallback:
-        text += "\nmanager: unreachable, decided in-process by the worker (fail-open)"
-    return text
-
-
 def run_generate(args: argparse.Namespace) -> int:
     request = generate_request(args)
+    text, token_ids = [], []
     with grpc.insecure_channel(args.worker, options=channel_options()) as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         final = None
         try:
             for response in stub.Generate(request, timeout=args.timeout):
-                if response.text:
+                text.append(response.text)
+                token_ids.extend(response.token_ids)
+                if response.text and not args.json:
                     sys.stdout.write(response.text)
                     sys.stdout.flush()
                 if response.HasField("summary"):
@@ -79,10 +74,12 @@ def run_generate(args: argparse.Namespace) -> int:
     if final is None:
         print("kvevict: error: the stream ended without a summary", file=sys.stderr)
         return 1
-    print()
-    print()
-    print(f"finish reason: {worker_pb2.FinishReason.Name(final.finish_reason).removeprefix('FINISH_REASON_').lower()}")
-    print(format_summary(final.summary, policy=policy_label(args)))
+    summary = EvictionSummary.from_proto(final.summary)
+    if args.json:
+        print(output.generation_json("".join(text), token_ids, final.finish_reason, summary, policy_label(args)))
+    else:
+        print("\n")
+        print(output.generation_text(final.finish_reason, summary, policy_label(args)))
     return 0
 
 
@@ -98,13 +95,9 @@ def run_score(args: argparse.Namespace) -> int:
         except grpc.RpcError as error:
             return _rpc_failed(error)
     logprobs = wire.decode(response.token_logprobs, "token_logprobs")
-    print(f"tokens scored: {response.scored_tokens}")
-    print(f"total log-prob: {response.total_logprob:.4f} nats "
-          f"(mean {response.total_logprob / max(1, response.scored_tokens):.4f}, "
-          f"min {float(np.min(logprobs)) if logprobs.size else float('nan'):.4f})")
-    print(f"perplexity: {response.perplexity:.4f}")
-    print()
-    print(format_summary(response.summary, policy=policy_label(args)))
+    show = output.score_json if args.json else output.score_text
+    print(show(logprobs, response.total_logprob, response.perplexity, EvictionSummary.from_proto(response.summary),
+               policy_label(args)))
     return 0
 
 

@@ -15,6 +15,7 @@ import argparse
 import os
 from pathlib import Path
 
+from kvevict import defaults
 from kvevict.cli_options import (add_eviction_flags, add_runtime_flags, add_sampling_flags, budget_spec,
                                  env_default, env_flag, policy_spec, statistics_dtype)
 
@@ -105,7 +106,8 @@ def run_serve(args: argparse.Namespace) -> int:
         model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
         threads=int(args.threads) if args.threads is not None else None, trust_remote_code=args.trust_remote_code,
         manager=args.manager, manager_timeout_s=args.manager_timeout, manager_retries=args.manager_retries,
-        eviction=EvictionDefaults(policy=policy_spec(args), budget=budget_spec(args), block_size=args.block_size or 128,
+        eviction=EvictionDefaults(policy=policy_spec(args), budget=budget_spec(args),
+                                  block_size=args.block_size or defaults.BLOCK_SIZE,
                                   statistics_dtype=statistics_dtype(args), fail_open=fail_open),
         limits=Limits(default_max_new_tokens=args.default_max_new_tokens,
                       max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_tokens=args.max_prompt_tokens),
@@ -133,6 +135,9 @@ def add_generate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", help="stop string (repeatable); it is not printed")
     add_eviction_flags(parser)
     add_sampling_flags(parser, max_new_tokens=0, max_new_tokens_help="0 = the worker's default")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (completion, token ids, finish reason, eviction summary) "
+                             "instead of streaming the text")
 
 
 def add_score_flags(parser: argparse.ArgumentParser) -> None:
@@ -142,7 +147,10 @@ def add_score_flags(parser: argparse.ArgumentParser) -> None:
     text.add_argument("--file", type=Path, help="file holding the text to score")
     text.add_argument("--token-ids", help="token ids to score: 1,2,3 or '1 2 3'")
     add_eviction_flags(parser)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random policy")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random policy (default: %(default)s)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (every token's log-probability, total, perplexity, eviction "
+                             "summary) instead of the text")
 
 
 def _run_client_generate(args: argparse.Namespace) -> int:

@@ -21,11 +21,27 @@ def default_threads() -> int:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}")
-    return torch.device(device)
+    """Any torch device string (`cpu`, `cuda`, `cuda:1`, `mps`, `xpu:0`, ...) that exists here;
+    ValueError names --device and says what this machine has."""
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device: {device!r} is not a torch device ({error}); e.g. cpu, cuda, cuda:1, mps") from None
+    if resolved.type == "cpu":
+        return resolved
+    # torch.cuda, torch.mps, torch.xpu: the accelerator's module says whether it is usable here.
+    backends = {kind: getattr(torch, kind) for kind in ("cuda", "mps", "xpu") if hasattr(torch, kind)}
+    usable = ["cpu"] + [f"{kind}:{i}" for kind, backend in backends.items() if backend.is_available()
+                        for i in range(backend.device_count())]
+    backend = backends.get(resolved.type)
+    if backend is None or not backend.is_available():
+        raise ValueError(f"--device {device}: torch sees no {resolved.type} device on this machine "
+                         f"(usable here: {', '.join(usable)})")
+    count = backend.device_count()
+    if resolved.index is not None and resolved.index >= count:
+        raise ValueError(f"--device {device}: this machine has {count} {resolved.type} device"
+                         f"{'' if count == 1 else 's'} (usable here: {', '.join(usable)})")
+    return resolved
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:

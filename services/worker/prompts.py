@@ -8,20 +8,21 @@ status code and whose `field` names the offending request field (`token_ids.ids[
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import jinja2
 import torch
 
+from kvevict import defaults as shared_defaults
 from kvevict.cache_manager.errors import InvalidArgument
 from kvevict.cache_manager.settings import settings_from_request
+from kvevict.policy_names import format_policy
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import worker_pb2
 from kvevict.worker.cache_session import EvictionSettings
 from kvevict.worker.sampling import SamplingConfig
 
-DEFAULT_BLOCK_SIZE = 128
 # The manager's fields that come from the request's EvictionOptions; others (geometry,
 # statistics_dtype) are the worker's own and a failure there is not the client's fault.
 _EVICTION_FIELDS = ("policy", "budget", "block_size")
@@ -54,11 +55,11 @@ class Limits:
 
 @dataclass(frozen=True)
 class EvictionDefaults:
-    """The worker's eviction settings for requests that do not set `eviction`."""
+    """The worker's eviction settings for what a request's `eviction` leaves unset."""
 
-    policy: pb.PolicySpec
-    budget: pb.BudgetSpec
-    block_size: int = DEFAULT_BLOCK_SIZE
+    policy: pb.PolicySpec = field(default_factory=shared_defaults.policy_spec)
+    budget: pb.BudgetSpec = field(default_factory=shared_defaults.budget_spec)
+    block_size: int = shared_defaults.BLOCK_SIZE
     statistics_dtype: int = 0  # 0 = the manager's choice per statistic (bfloat16 / float16)
     fail_open: bool = True
 
@@ -134,15 +135,11 @@ def sampling_config(options: worker_pb2.SamplingOptions) -> SamplingConfig:
 
 def eviction_settings(request_message, defaults: EvictionDefaults, geometry: pb.ModelGeometry,
                       sampling_seed: int = 0) -> EvictionSettings:
-    """The request's `eviction` (or the worker's defaults when unset), validated by the manager's
-    own validation before the request waits for the model (the manager validates again). The
-    random policy's seed, when unset, is the sampling seed."""
-    if request_message.HasField("eviction"):
-        options = request_message.eviction
-        policy, budget = options.policy, options.budget
-        block_size = options.block_size or DEFAULT_BLOCK_SIZE
-    else:
-        policy, budget, block_size = defaults.policy, defaults.budget, defaults.block_size
+    """The request's `eviction` with what it leaves unset taken from the worker's defaults
+    (`eviction_fields`), validated by the manager's own validation before the request waits for
+    the model (the manager validates again). The random policy's seed, when unset, is the
+    sampling seed."""
+    policy, budget, block_size = eviction_fields(request_message.eviction, defaults)
     if not policy.seed and sampling_seed:
         policy = pb.PolicySpec.FromString(policy.SerializeToString())
         policy.seed = sampling_seed
@@ -155,6 +152,23 @@ def eviction_settings(request_message, defaults: EvictionDefaults, geometry: pb.
     except InvalidArgument as error:
         raise eviction_error(error) from error
     return settings
+
+
+def eviction_fields(options: worker_pb2.EvictionOptions,
+                    defaults: EvictionDefaults) -> tuple[pb.PolicySpec, pb.BudgetSpec, int]:
+    """(policy, budget, block size): each of `policy` and `budget` as the request sets it, or the
+    worker's default when unset (the message, whole); `block_size` 0 is the worker's. A policy
+    that is set must name its base (its other fields default as PolicySpec says)."""
+    if options.HasField("policy"):
+        policy = options.policy
+        if not policy.base:
+            raise RequestError("eviction.policy.base", "empty: name a base policy (see ListPolicies), or leave "
+                               "eviction.policy unset for this worker's default "
+                               f"({format_policy(defaults.policy.base, defaults.policy.wrapper)})")
+    else:
+        policy = defaults.policy
+    budget = options.budget if options.HasField("budget") else defaults.budget
+    return policy, budget, options.block_size or defaults.block_size
 
 
 def eviction_error(error: InvalidArgument) -> RequestError | None:

@@ -24,6 +24,11 @@ class ScoreResult:
     summary: EvictionSummary
 
     @property
+    def total_logprob(self) -> float:
+        """Sum of the log-probabilities, nats (summed in float64)."""
+        return float(self.token_logprobs.double().sum())
+
+    @property
     def perplexity(self) -> float:
         return float(torch.exp(-self.token_logprobs.double().mean())) if self.token_logprobs.numel() else float("nan")
 

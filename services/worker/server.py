@@ -20,7 +20,8 @@ deadline, shutdown) stops the generation at its next token; the generator then c
 manager session. Score runs to completion once started (it has no per-token hook).
 
 Health (grpc.health.v1) is NOT_SERVING while the model loads and SERVING from then on for ""
-and "kvevict.v1.WorkerService"; reflection lists WorkerService and Health. Prometheus metrics
+and "kvevict.v1.WorkerService"; reflection (grpc.reflection.v1 and v1alpha) lists WorkerService,
+Health and itself. Prometheus metrics
 (kvevict.worker.metrics) are served over HTTP on `metrics_port` (0: a free one, -1: none), on the
 same host as gRPC, from before the model loads.
 """
@@ -50,6 +51,7 @@ from kvevict.metrics import DISABLED_PORT, MetricsServer, check_metrics_port
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import worker_pb2, worker_pb2_grpc
 from kvevict.worker import prompts
+from kvevict.worker.completion import Completion, complete
 from kvevict.worker.generator import EvictingGenerator
 from kvevict.worker.summary import EvictionSummary
 from kvevict.worker.manager_client import EmbeddedManagerClient, ManagerClient
@@ -59,7 +61,6 @@ from kvevict.worker.prompts import ErrorKind, EvictionDefaults, Limits, RequestE
 from kvevict.worker.remote_manager import ManagerUnavailable, RemoteManagerClient
 from kvevict.worker.scheduler import ModelScheduler, QueueFull
 from kvevict.worker.scoring import score_tokens
-from kvevict.worker.text_stream import TextStream
 
 log = logging.getLogger("kvevict.worker")
 
@@ -194,14 +195,6 @@ class _Delta:
 
 
 @dataclass
-class _Generated:
-    tokens: list[int]
-    summary: EvictionSummary
-    tail: str
-    finish_reason: int
-
-
-@dataclass
 class _Job:
     """What runs on the model thread for one call, with the call's cancel flag and timings."""
 
@@ -271,26 +264,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         def emit(item: _Delta | None) -> None:  # from the model thread
             _call_soon(loop, stream.put_nowait, item)
 
-        def generate() -> _Generated:
+        def generate() -> Completion:
             job.begin()
-            text = TextStream(runtime.tokenizer, stop)
 
-            def on_token(token_id: int) -> bool:
+            def on_delta(token_id: int, text: str) -> None:
                 job.check()
                 job.tokens += 1
-                emit(_Delta(text.push(token_id), token_id))
-                return text.stopped  # a stop string completed: end after this token
+                emit(_Delta(text, token_id))
 
-            result = EvictingGenerator(runtime.model, self.manager, settings, metrics=self.metrics).generate(
-                prompt, max_new_tokens, sampling, eos_token_ids=set(runtime.eos_token_ids), on_prefill_block=job.check,
-                on_token=on_token)
-            if text.stopped:
-                reason = worker_pb2.FINISH_REASON_STOP
-            elif result.token_ids and result.token_ids[-1] in runtime.eos_token_ids:
-                reason = worker_pb2.FINISH_REASON_EOS
-            else:
-                reason = worker_pb2.FINISH_REASON_LENGTH
-            return _Generated(result.token_ids, result.summary, text.finish(), reason)
+            generator = EvictingGenerator(runtime.model, self.manager, settings, metrics=self.metrics)
+            return complete(generator, runtime.tokenizer, prompt, max_new_tokens, sampling, runtime.eos_token_ids,
+                            stop, on_delta=on_delta, on_prefill_block=job.check)
 
         future = await self._submit(context, job, "generate", self._logged(job, "generate", generate))
         log_event(log, logging.INFO, "generate.queued", request=job.request_id, prompt_tokens=prompt.numel(),
@@ -308,7 +292,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 log_event(log, logging.INFO, "generate.cancelled", request=job.request_id)
         outcome = await self._outcome(context, job, "generate", future)
         log_event(log, logging.INFO, "generate.done", request=job.request_id, peer=context.peer(),
-                  prompt_tokens=outcome.summary.prompt_tokens, generated_tokens=len(outcome.tokens),
+                  prompt_tokens=outcome.summary.prompt_tokens, generated_tokens=len(outcome.token_ids),
                   finish=worker_pb2.FinishReason.Name(outcome.finish_reason),
                   queue_s=f"{job.queue_seconds:.3f}", prefill_s=f"{outcome.summary.prefill_seconds:.3f}",
                   decode_s=f"{outcome.summary.decode_seconds:.3f}", evicted=sum(outcome.summary.evicted_per_layer),
@@ -356,13 +340,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             raise
         result = await self._outcome(context, job, "score", future)
         logprobs = result.token_logprobs.float()
-        total = float(logprobs.double().sum())
         log_event(log, logging.INFO, "score.done", request=job.request_id, peer=context.peer(),
                   tokens=token_ids.numel(), queue_s=f"{job.queue_seconds:.3f}",
                   seconds=f"{result.summary.prefill_seconds:.3f}", perplexity=f"{result.perplexity:.4f}",
                   evicted=sum(result.summary.evicted_per_layer), manager_fallback=result.summary.manager_fallback)
         self._settle(job, "score", "ok")
-        return worker_pb2.ScoreResponse(token_logprobs=wire.encode(logprobs.numpy()), total_logprob=total,
+        return worker_pb2.ScoreResponse(token_logprobs=wire.encode(logprobs.numpy()),
+                                        total_logprob=result.total_logprob,
                                         perplexity=result.perplexity, scored_tokens=logprobs.numel(),
                                         summary=summary_to_proto(result.summary))
 
