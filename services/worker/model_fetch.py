@@ -218,6 +218,7 @@ def _install(gguf: Path, target: Path, record: dict, report: Report) -> None:
         convert_gguf(gguf, scratch, dtype=getattr(torch, CONVERTED_DTYPE))
         record = {**record, "dtype": CONVERTED_DTYPE, "transformers": transformers.__version__}
         (scratch / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+        _apply_umask(scratch)
         try:
             scratch.rename(target)
         except OSError:
@@ -225,3 +226,13 @@ def _install(gguf: Path, target: Path, record: dict, report: Report) -> None:
                 raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _apply_umask(directory: Path) -> None:
+    """mkdtemp makes the directory 0700 and safetensors writes its file 0600: give them the modes
+    of the user's umask instead, as any other download, so that a shared cache is readable."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
