@@ -456,7 +456,7 @@ assert main({argv!r}) == 0
 
 
 def test_the_manager_image_installs_what_the_manager_and_the_load_generator_import_and_no_torch():
-    requirements = _requirements("--without", "torch", "transformers", "tqdm")
+    requirements = _requirements("--without", "torch", "transformers", "tqdm", "gguf", "accelerate")
     installed = _closure(requirements)
     assert not {"torch", "transformers"} & installed
     port = free_port()

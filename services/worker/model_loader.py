@@ -54,6 +54,8 @@ def load_model(
     name_or_path: str, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, "AutoTokenizer"]:
     """Loads a causal LM and its tokenizer from a local path or a hub id (hub ids need network)."""
+    from kvevict.worker.model_fetch import resolve_model  # a known name or a .gguf file: its cached checkpoint
+    name_or_path = resolve_model(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path,
         dtype=resolve_dtype(dtype),
