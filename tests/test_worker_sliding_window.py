@@ -20,6 +20,7 @@ from kvevict.worker.generator import EvictingGenerator
 from kvevict.worker.kv_cache import PrunableCache
 from kvevict.worker.manager_client import EmbeddedManagerClient
 from kvevict.worker.model_loader import geometry_of, model_from_config
+from kvevict.worker.remote_manager import ManagerUnavailable
 from tests.tiny_models import WINDOW, tiny_config
 from tests.worker_doubles import VisibilityTrace, masked_full_forward
 
@@ -225,3 +226,32 @@ def test_the_manager_state_stays_aligned_with_the_cache_column_for_column(base, 
     finally:
         session.close()
     assert checked >= 4
+
+
+class _LostAfter(EmbeddedManagerClient):
+    """A manager that answers `reports` reports, then is unreachable."""
+
+    def __init__(self, reports: int) -> None:
+        super().__init__()
+        self.left = reports
+
+    def report_block(self, request: pb.ReportBlockRequest) -> pb.ReportBlockResponse:
+        if self.left == 0:
+            raise ManagerUnavailable("unreachable")
+        self.left -= 1
+        return super().report_block(request)
+
+
+@pytest.mark.parametrize("lost_after", [3, 6])  # in the prefill, in the decode
+def test_a_lost_manager_fails_open_to_the_same_decisions_on_a_windowed_model(lost_after):
+    """The in-process manager adopts the cache as it was before the report (out-of-window
+    tokens of skipped periods already dropped) and applies the same rule: TOVA, which keeps no
+    state beyond the cache, decides exactly as the lost manager would have."""
+    config, model = _windowed("gemma3")
+    prompt = _prompt(config.vocab_size)
+    expected = EvictingGenerator(model, EmbeddedManagerClient(), _settings("tova", "caote")).generate(prompt, NEW_TOKENS)
+    result = EvictingGenerator(model, _LostAfter(lost_after), _settings("tova", "caote")).generate(prompt, NEW_TOKENS)
+    assert result.summary.manager_fallback
+    assert result.token_ids == expected.token_ids
+    assert result.summary.final_lengths == expected.summary.final_lengths
+    assert result.summary.evicted_per_layer == expected.summary.evicted_per_layer
