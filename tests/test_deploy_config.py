@@ -5,7 +5,8 @@ dashboard provider point at each other; every dashboard panel queries the pinned
 uses only the metric contract's names and labels, and rates counters (max_over_time() of gauges)
 over $__rate_interval; every
 contract metric is on a dashboard; the slim manager image installs everything the manager and
-the load generator import (and the worker image everything the worker imports); the healthcheck
+the load generator import (and the worker image everything the worker imports), each process
+run seeing only its image's distributions; the healthcheck
 script answers from the gRPC health service.
 
 The dashboards' queries are run on a real Prometheus in tests/test_deploy_prometheus.py.
@@ -13,6 +14,7 @@ The dashboards' queries are run on a real Prometheus in tests/test_deploy_promet
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -20,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 from importlib import metadata
 from pathlib import Path
 
@@ -404,21 +407,61 @@ def _closure(requirements: list[str]) -> set[str]:
 
 # This project's modules, and the pseudo-module Cython extensions register.
 NOT_DISTRIBUTIONS = {"kvevict", "healthcheck", "loadgen", "tests", "cython_runtime"}
-# Imported when present, skipped when not: grpc tries `grpc_tools` (protos at run time),
-# transformers `scipy` (object-detection losses) and `PIL` (image utilities); the dev extra
-# brings all three here (pillow with matplotlib, for the benchmark's plots).
-OPTIONAL_DISTRIBUTIONS = {"grpcio-tools", "scipy", "pillow"}
 
 
-def _imported_distributions(code: str) -> set[str]:
+def _image_site(distributions: set[str], site: Path) -> Path:
+    """A site directory that holds only `distributions` (links to their installed files) and
+    this project's package as its wheel lays it out: what an image installing exactly those
+    sees, whatever else this environment has (a module imported only when present, such as
+    transformers' optional `accelerate`, is then absent as it is in the image)."""
+    site.mkdir()
+    for name in distributions:
+        distribution = metadata.distribution(name)
+        for file in distribution.files or []:
+            if file.parts[0] == ".." or "__pycache__" in file.parts:
+                continue  # console scripts outside site-packages; bytecode is linked with its source
+            source = Path(distribution.locate_file(file))
+            if source.exists():
+                _link(source, site / file)
+                if source.suffix == ".py" and Path(cached := importlib.util.cache_from_source(str(source))).exists():
+                    _link(Path(cached), site / file.parent / "__pycache__" / Path(cached).name)
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for package in setuptools["packages"]:
+        source, target = _package_source(package, setuptools["package-dir"]), site.joinpath(*package.split("."))
+        target.mkdir(parents=True, exist_ok=True)
+        for entry in source.glob("*.py"):
+            _link(entry, target / entry.name)
+    return site
+
+
+def _package_source(package: str, package_dir: dict[str, str]) -> Path:
+    """Where setuptools finds `package`: under its nearest mapped ancestor in package-dir."""
+    parts = package.split(".")
+    for end in range(len(parts), 0, -1):
+        if (prefix := ".".join(parts[:end])) in package_dir:
+            return ROOT.joinpath(package_dir[prefix], *parts[end:])
+    return ROOT.joinpath(*parts)
+
+
+def _link(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        target.symlink_to(source)
+
+
+def _imported_distributions(code: str, installed: set[str], site: Path) -> set[str]:
     """Distributions whose modules a Python process running `code` imported (stdlib and this
-    project left out)."""
-    result = subprocess.run([sys.executable, "-c", code + "\nimport json, sys\n"
+    project left out), the process seeing only the `installed` distributions (see _image_site)."""
+    python = [sys.executable, "-S"]  # no site-packages of this environment; PYTHONPATH gives the image's
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(_image_site(installed, site))}
+    result = subprocess.run([*python, "-c", code + "\nimport json, sys\n"
                              "print('MODULES=' + json.dumps(sorted({m.partition('.')[0] for m in sys.modules})))"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            cwd=site, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    modules = set(json.loads(result.stdout.rsplit("MODULES=", 1)[1])) - _startup_modules()
+    startup = subprocess.run([*python, "-c", "import json, sys; print(json.dumps(sorted(sys.modules)))"],
+                             cwd=site, capture_output=True, text=True, check=True, env=env)
+    modules = set(json.loads(result.stdout.rsplit("MODULES=", 1)[1])) - {
+        m.partition(".")[0] for m in json.loads(startup.stdout)}
     owners = metadata.packages_distributions()
     distributions = set()
     for module in modules:
@@ -428,14 +471,7 @@ def _imported_distributions(code: str) -> set[str]:
             assert module.startswith("_") or module in sys.builtin_module_names, f"{module}: not installed by pip?"
             continue
         distributions |= {re.sub(r"[-_.]+", "-", d).lower() for d in owners[module]}
-    return distributions - OPTIONAL_DISTRIBUTIONS
-
-
-def _startup_modules() -> set[str]:
-    """What any Python process here imports before running code (site, .pth hooks of this venv)."""
-    result = subprocess.run([sys.executable, "-c", "import json, sys; print(json.dumps(sorted(sys.modules)))"],
-                            capture_output=True, text=True, check=True)
-    return {m.partition(".")[0] for m in json.loads(result.stdout)}
+    return distributions
 
 
 def _serve_until_healthy(argv: list[str], port: int) -> str:
@@ -455,28 +491,30 @@ assert main({argv!r}) == 0
 """
 
 
-def test_the_manager_image_installs_what_the_manager_and_the_load_generator_import_and_no_torch():
+def test_the_manager_image_installs_what_the_manager_and_the_load_generator_import_and_no_torch(tmp_path):
     requirements = _requirements("--without", "torch", "transformers", "tqdm", "gguf", "accelerate")
     installed = _closure(requirements)
     assert not {"torch", "transformers"} & installed
     port = free_port()
     manager = _imported_distributions(_serve_until_healthy(
-        ["manager", "serve", "--port", str(port), "--metrics-port", "0", "--redis-url", "memory://"], port))
+        ["manager", "serve", "--port", str(port), "--metrics-port", "0", "--redis-url", "memory://"], port),
+        installed, tmp_path / "manager")
     loadgen = _imported_distributions(
         f"import runpy; runpy.run_path({str(ROOT / 'scripts' / 'loadgen.py')!r}, run_name='loadgen')\n"
-        f"import runpy; runpy.run_path({str(DEPLOY / 'healthcheck.py')!r}, run_name='healthcheck')")
+        f"import runpy; runpy.run_path({str(DEPLOY / 'healthcheck.py')!r}, run_name='healthcheck')",
+        installed, tmp_path / "loadgen")
     assert "torch" not in manager
     assert manager <= installed, f"the manager imports {manager - installed}, which its image does not install"
     assert loadgen <= installed, f"the load generator imports {loadgen - installed}, not in the manager image"
 
 
-def test_the_worker_image_installs_what_the_worker_imports():
+def test_the_worker_image_installs_what_the_worker_imports(tmp_path):
     installed = _closure(_requirements())
     assert _requirements("--only", "torch") == [r for r in _requirements() if r.startswith("torch")]
     port = free_port()
     worker = _imported_distributions(_serve_until_healthy(
         ["worker", "serve", "--port", str(port), "--metrics-port", "0", "--model", str(ROOT / "models" / "demo-py"),
-         "--threads", "1"], port))
+         "--threads", "1"], port), installed, tmp_path / "worker")
     assert "torch" in worker
     assert worker <= installed, f"the worker imports {worker - installed}, which its image does not install"
 

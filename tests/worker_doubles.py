@@ -82,13 +82,20 @@ class VisibilityTrace:
 _REFERENCE_MASKS: dict[int, torch.Tensor] = {}
 
 
-def _masked_eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Plain eager attention of a full sequence with a per-layer, per-KV-head visibility mask."""
+def _masked_eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            sliding_window=None, softcap=None, **kwargs):
+    """Plain eager attention of a full sequence with a per-layer, per-KV-head visibility mask
+    (and the layer's own sliding window and logit soft-capping, as transformers' eager has)."""
     group = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(group, dim=1)
     value = value.repeat_interleave(group, dim=1)
     visible = _REFERENCE_MASKS[module.layer_idx].repeat_interleave(group, dim=0)[None]
+    if sliding_window is not None:  # query t sees key p when t - window < p (positions are indices here)
+        index = torch.arange(visible.shape[-1])
+        visible = visible & (index[None, :] > index[:, None] - sliding_window)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None

@@ -50,16 +50,18 @@ PHASE_PREFILL: Phase
 PHASE_DECODE: Phase
 
 class ModelGeometry(_message.Message):
-    __slots__ = ("num_layers", "num_kv_heads", "num_query_heads", "head_dim")
+    __slots__ = ("num_layers", "num_kv_heads", "num_query_heads", "head_dim", "sliding_windows")
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     NUM_QUERY_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    SLIDING_WINDOWS_FIELD_NUMBER: _ClassVar[int]
     num_layers: int
     num_kv_heads: int
     num_query_heads: int
     head_dim: int
-    def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., num_query_heads: _Optional[int] = ..., head_dim: _Optional[int] = ...) -> None: ...
+    sliding_windows: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., num_query_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., sliding_windows: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PolicySpec(_message.Message):
     __slots__ = ("base", "wrapper", "sink_tokens", "recent_tokens", "window", "pool_kernel", "seed")

@@ -1,6 +1,12 @@
-"""One report's decision: append the new tokens, update accumulators, score, allocate budgets,
-select, and compact the state. Pure: returns the answer, the next state and what the decision
-did (for the metrics), stores nothing."""
+"""One report's decision: append the new tokens, drop what left a sliding window, update
+accumulators, score, allocate budgets, select, and compact the state. Pure: returns the answer,
+the next state and what the decision did (for the metrics), stores nothing.
+
+Sliding-window layers: the tokens no later query can see in any head were dropped before the
+report (validation counted them; the worker dropped them too). What is left unseen is a head's
+share of its layer's leading columns that other heads still see: those score below every token a
+query can still see, so budgets go to visible tokens first, and the protected sinks are the
+real ones still cached (none once the window has passed them)."""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import numpy as np
 from kvevict import wire
 from kvevict.cache_manager.policies.base import LayerContext
 from kvevict.cache_manager.selection import select_keep_scored
+from kvevict.cache_manager.sliding import hidden
 from kvevict.cache_manager.state import SessionState
 from kvevict.cache_manager.validation import ValidatedReport
 from kvevict.cache_manager.wrappers import CAOTE
@@ -52,15 +59,23 @@ def decide(state: SessionState, report: ValidatedReport,
     heads = settings.geometry.num_kv_heads
     # Every KV head caches the new tokens at the end of its row.
     new_positions = np.broadcast_to(report.positions.astype(np.int32), (heads, report.positions.size))
+    windows = settings.geometry.sliding_windows
+    last_position = int(report.positions[-1])
 
-    contexts = []
+    contexts, unseen = [], []
     for layer, statistics in enumerate(report.statistics):
-        accumulator = policy.accumulate(state.accumulators[layer], statistics) if policy.accumulates else None
-        positions = np.concatenate([state.positions[layer], new_positions], axis=1)
+        dropped = report.dropped[layer] if report.dropped else 0
+        previous = state.accumulators[layer][:, dropped:] if policy.accumulates else None
+        accumulator = policy.accumulate(previous, statistics) if policy.accumulates else None
+        positions = np.concatenate([state.positions[layer], new_positions], axis=1)[:, dropped:]
         contexts.append(LayerContext(layer, sequence, positions, statistics, accumulator))
+        mask = hidden(positions, last_position, windows[layer]) if windows[layer] else None
+        unseen.append(mask if mask is not None and mask.any() else None)
     lengths = [ctx.positions.shape[1] for ctx in contexts]
     scores = [policy.score(ctx) for ctx in contexts] if allocator.needs_scores else None
-    budgets = allocator.allocate(state.layer_budgets, lengths, scores)
+    # A token no query can see is worth nothing to a layer's budget (evicting it changes no output).
+    ranked = None if scores is None else [_scored_unseen(score, mask, 0.0) for score, mask in zip(scores, unseen)]
+    budgets = allocator.allocate(state.layer_budgets, lengths, ranked)
 
     response = pb.ReportBlockResponse(sequence=sequence, layer_budgets=budgets)
     kept_positions, kept_accumulators = [], []
@@ -71,11 +86,14 @@ def decide(state: SessionState, report: ValidatedReport,
         length, budget = lengths[layer], budgets[layer]
         positions, accumulator = ctx.positions, ctx.accumulator
         if length > budget:
-            score = scores[layer] if scores is not None else policy.score(ctx)
+            score = _scored_unseen(scores[layer] if scores is not None else policy.score(ctx), unseen[layer], -np.inf)
             assert score.shape == positions.shape, f"{policy.name} scored {score.shape}, cache is {positions.shape}"
-            keep, evicted_scores = select_keep_scored(score, budget, settings.sink, settings.recent)
+            sink = _sinks_cached(positions, settings.sink) if windows[layer] else settings.sink
+            keep, evicted_scores = select_keep_scored(score, budget, sink, settings.recent)
             if output_errors:
-                evicted_errors.append(evicted_scores)
+                # Evicting a token no query can see changes no output: its error is 0.
+                evicted_errors.append(np.where(np.isneginf(evicted_scores), 0.0, evicted_scores)
+                                      if unseen[layer] is not None else evicted_scores)
             # Exactly `budget` per row, so row-major boolean indexing keeps each head's order.
             positions = positions[keep].reshape(heads, budget)
             if accumulator is not None:
@@ -100,3 +118,14 @@ def decide(state: SessionState, report: ValidatedReport,
     stats = DecisionStats(num_kv_heads=heads, cache_lengths=tuple(lengths), layer_budgets=tuple(budgets),
                           evicted_output_errors=tuple(evicted_errors))
     return response, next_state, stats
+
+
+def _scored_unseen(score: np.ndarray, unseen: np.ndarray | None, value: float) -> np.ndarray:
+    """`score` with `value` for the tokens no query can see any more (True in `unseen`)."""
+    return score if unseen is None else np.where(unseen, np.float32(value), score)
+
+
+def _sinks_cached(positions: np.ndarray, sink: int) -> int:
+    """How many of the `sink` first positions a sliding layer still caches: protected sinks lead
+    every head's row (the same in each) until the window passes them and they are dropped."""
+    return int(np.count_nonzero(positions[0, :sink] < sink))

@@ -148,13 +148,9 @@ def close_response(state: SessionState) -> pb.CloseSessionResponse:
 def session_response(state: SessionState) -> pb.GetSessionResponse:
     """GetSession's answer: settings (defaults resolved), counters, budgets and tracked lengths."""
     settings = state.settings
-    geometry = settings.geometry
     return pb.GetSessionResponse(
         session_id=state.session_id,
-        geometry=pb.ModelGeometry(
-            num_layers=geometry.num_layers, num_kv_heads=geometry.num_kv_heads,
-            num_query_heads=geometry.num_query_heads, head_dim=geometry.head_dim,
-        ),
+        geometry=settings.geometry.to_proto(),
         policy=_policy_spec(settings),
         budget=pb.BudgetSpec(tokens=settings.budget_tokens, allocator=settings.allocator_name),
         block_size=settings.block_size,

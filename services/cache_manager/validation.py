@@ -12,6 +12,7 @@ import numpy as np
 
 from kvevict import wire
 from kvevict.cache_manager.errors import InvalidArgument
+from kvevict.cache_manager.sliding import droppable
 from kvevict.cache_manager.state import SessionState
 from kvevict.cache_manager.statistics import StatisticRequirement
 from kvevict.v1 import cache_manager_pb2 as pb
@@ -30,6 +31,9 @@ class ValidatedReport:
     positions: np.ndarray  # (new_tokens,) int64, strictly increasing, after every tracked position
     # Per layer: statistic -> (num_kv_heads, cache_length) float32, finite.
     statistics: tuple[dict[StatisticRequirement, np.ndarray], ...]
+    # Per layer: leading tokens (tracked, then new) that left the layer's sliding window, dropped
+    # before cache_length (see kvevict.cache_manager.sliding); 0 for full-attention layers.
+    dropped: tuple[int, ...] = ()
 
 
 def decode(tensor: tensor_pb2.Tensor, field: str) -> np.ndarray:
@@ -48,11 +52,22 @@ def validate_report(request: pb.ReportBlockRequest, state: SessionState) -> Vali
     settings = state.settings
     if len(request.layers) != settings.geometry.num_layers:
         raise InvalidArgument("layers", f"expected {settings.geometry.num_layers} layers, got {len(request.layers)}")
+    dropped = tuple(_dropped(state.positions[i], positions, window)
+                    for i, window in enumerate(settings.geometry.sliding_windows))
     statistics = tuple(
-        _layer(layer, i, state.cache_lengths[i], len(positions), state)
+        _layer(layer, i, state.cache_lengths[i], len(positions), dropped[i], state)
         for i, layer in enumerate(request.layers)
     )
-    return ValidatedReport(phase=request.phase, positions=positions, statistics=statistics)
+    return ValidatedReport(phase=request.phase, positions=positions, statistics=statistics, dropped=dropped)
+
+
+def _dropped(tracked: np.ndarray, new: np.ndarray, window: int) -> int:
+    """Tokens of one layer's tracked + new tokens that no later query can see (the worker drops
+    the same ones from its cache before it reports the layer's cache_length)."""
+    if window <= 0:
+        return 0
+    cached = np.concatenate([tracked, np.broadcast_to(new.astype(tracked.dtype), (tracked.shape[0], new.size))], axis=1)
+    return droppable(cached, int(new[-1]), window)
 
 
 def _positions(request: pb.ReportBlockRequest, last_position: int) -> np.ndarray:
@@ -76,17 +91,18 @@ def _positions(request: pb.ReportBlockRequest, last_position: int) -> np.ndarray
 
 
 def _layer(
-    layer: pb.LayerStatistics, index: int, tracked: int, new_tokens: int, state: SessionState
+    layer: pb.LayerStatistics, index: int, tracked: int, new_tokens: int, dropped: int, state: SessionState
 ) -> dict[StatisticRequirement, np.ndarray]:
     field = f"layers[{index}]"
-    expected_length = tracked + new_tokens
+    expected_length = tracked + new_tokens - dropped
     settings = state.settings
     if layer.layer != index:
         raise InvalidArgument(f"{field}.layer", f"layers must come in order: expected {index}, got {layer.layer}")
     if layer.cache_length != expected_length:
         raise InvalidArgument(
             f"{field}.cache_length",
-            f"expected {expected_length} ({tracked} cached + {new_tokens} new tokens), got {layer.cache_length}",
+            f"expected {expected_length} ({tracked} cached + {new_tokens} new tokens"
+            + (f" - {dropped} out of the sliding window" if dropped else "") + f"), got {layer.cache_length}",
         )
     if len(layer.values) != len(settings.statistics):
         raise InvalidArgument(f"{field}.values", f"expected {len(settings.statistics)} tensors (one per negotiated statistic), got {len(layer.values)}")

@@ -2,13 +2,17 @@
 
 Registered with transformers' `AttentionInterface` (and a matching `AttentionMaskInterface`
 entry that builds no shared mask), so any causal LM loaded with `attn_implementation="kvevict"`
-runs it in every layer. It differs from eager attention in two ways:
+runs it in every layer; `install` switches a model loaded with another attention to it for as
+long as a `CacheSession` lasts. It differs from eager attention in two ways:
 
 * the mask is built per layer from that layer's own cache length (and, for sliding-window
   layers, the absolute positions of its cached tokens), because after eviction layers and heads
   no longer hold the same tokens: every cached token is visible, causal inside the new block;
 * when a `StatisticsCollector` rides along in the forward's kwargs (`kvevict_collector`), the
   attention probabilities of the layer are handed to it, in float32.
+
+Without statistics to collect it runs SDPA, except for soft-capped logits (Gemma 2), which SDPA
+cannot apply: those take the explicit float32 path and record nothing.
 """
 
 from __future__ import annotations
@@ -16,11 +20,54 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 ATTN_IMPLEMENTATION = "kvevict"
 COLLECTOR_KWARG = "kvevict_collector"
+# On a model switched by `install`: (the implementation it had before, sessions open on it).
+_INSTALLED = "_kvevict_installed"
+
+
+class UnsupportedModel(ValueError):
+    """A model whose attention kvevict cannot run (it does not go through the AttentionInterface)."""
+
+
+def use_kvevict_attention(model: PreTrainedModel) -> None:
+    """Switches `model` to kvevict attention (nothing to do when it was loaded with it).
+
+    Without it a model measures no statistics (policies would evict on zeros) and masks no pruned
+    cache, so a model whose attention transformers cannot switch is refused: UnsupportedModel.
+    """
+    if model.config._attn_implementation == ATTN_IMPLEMENTATION:
+        return
+    if not getattr(model, "_supports_attention_backend", False):
+        raise UnsupportedModel(
+            f"{type(model).__name__} computes attention in its own code, not through transformers' "
+            "AttentionInterface, so kvevict can neither measure nor mask it; use one of the supported "
+            "architectures (README, 'Supported architectures')")
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        raise UnsupportedModel(f"{type(model).__name__} refused attn_implementation={ATTN_IMPLEMENTATION!r}")
+
+
+def install(model: PreTrainedModel) -> None:
+    """use_kvevict_attention for the time of one session: the last `uninstall` of as many calls
+    restores the attention the model had before the first."""
+    previous, sessions = getattr(model, _INSTALLED, (model.config._attn_implementation, 0))
+    use_kvevict_attention(model)
+    setattr(model, _INSTALLED, (previous, sessions + 1))
+
+
+def uninstall(model: PreTrainedModel) -> None:
+    """Undoes one `install`."""
+    previous, sessions = getattr(model, _INSTALLED, (None, 0))
+    if sessions > 1:
+        setattr(model, _INSTALLED, (previous, sessions - 1))
+    elif sessions == 1:
+        delattr(model, _INSTALLED)
+        if previous != model.config._attn_implementation:
+            model.set_attn_implementation(previous)
 
 
 def kvevict_attention(
@@ -50,10 +97,16 @@ def kvevict_attention(
     scaling = head_dim**-0.5 if scaling is None else scaling
     collector = kwargs.get(COLLECTOR_KWARG)
     layer = getattr(module, "layer_idx", None)
+    if collector is not None and (sliding_window or 0) != collector.cache.window(layer):
+        # The cache drops tokens by the window the geometry announced: it must be this one.
+        raise ValueError(f"layer {layer} attends with sliding window {sliding_window}, the cache geometry "
+                         f"says {collector.cache.window(layer)} (0 = full attention): the model config's "
+                         "layer types disagree with its attention modules")
 
     visible = _visibility(collector, layer, q_len, kv_len, sliding_window, query.device)
-    if collector is None or not collector.needs_attention:
-        return _sdpa(query, key, value, visible, scaling, group, softcap), None
+    records = collector is not None and collector.needs_attention
+    if not records and softcap is None:
+        return _sdpa(query, key, value, visible, scaling, group), None
 
     # Grouped layout (Hkv, group, q, d): the query heads of one KV head share its keys.
     q32 = query[0].float().view(num_kv_heads, group, q_len, head_dim)
@@ -64,7 +117,8 @@ def kvevict_attention(
     scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out32 = torch.einsum("hgqk,hkd->hgqd", probs, v32)
-    collector.record_attention(layer, probs)
+    if records:  # soft-capped attention (no SDPA kernel for it) also runs here without statistics
+        collector.record_attention(layer, probs)
     out = out32.to(query.dtype).reshape(1, num_query_heads, q_len, head_dim)
     return out.transpose(1, 2).contiguous(), None
 
@@ -93,11 +147,8 @@ def _sdpa(
     visible: torch.Tensor,
     scaling: float,
     group: int,
-    softcap: float | None,
 ) -> torch.Tensor:
-    """Fast path when no statistic needs the attention probabilities."""
-    if softcap is not None:
-        raise ValueError("attention softcapping needs statistics mode (eager path); no fast path for it")
+    """Fast path when no statistic needs the attention probabilities (and no soft-capping)."""
     key = key.repeat_interleave(group, dim=1) if group > 1 else key
     value = value.repeat_interleave(group, dim=1) if group > 1 else value
     mask = visible.repeat_interleave(group, dim=0).unsqueeze(0) if visible.shape[0] > 1 else visible.unsqueeze(0)

@@ -14,6 +14,7 @@ from kvevict import defaults, wire
 from kvevict.cache_manager.errors import NotFound
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
+from kvevict.worker import attention
 from kvevict.worker.attention import COLLECTOR_KWARG
 from kvevict.worker.kv_cache import PrunableCache
 from kvevict.worker.manager_client import EmbeddedManagerClient, ManagerClient
@@ -65,7 +66,12 @@ class CacheSession:
 
     With `metrics` (the worker service's), it counts prompt tokens, evicted tokens, fallbacks and
     report round trips, times the prefill, and keeps the KV-bytes gauges up to date after every
-    forward and eviction (its share is taken back out at close())."""
+    forward and eviction (its share is taken back out at close()).
+
+    The model attends with kvevict attention while the session is open (`attention.install`:
+    a model loaded with another one gets it until close()). At the end of every report period,
+    sliding-window layers drop the tokens no later query can see (`PrunableCache.unseen`), whether
+    or not the period reports; the manager drops the same ones from its state."""
 
     def __init__(self, model: torch.nn.Module, manager: ManagerClient, settings: EvictionSettings,
                  observer: ForwardObserver | None = None, metrics: WorkerMetrics | None = None) -> None:
@@ -80,20 +86,19 @@ class CacheSession:
             geometry=self.geometry, policy=settings.policy, budget=settings.budget,
             block_size=settings.block_size, statistics_dtype=settings.statistics_dtype)
         self.stats = SessionStats(peak_lengths=[0] * self.geometry.num_layers)
+        attention.install(model)
         try:
-            opened = manager.open_session(self._open_request)
-        except _LOST_MANAGER as error:
-            if not settings.fail_open:
-                raise
-            self._note_fallback(error)
-            self.manager = EmbeddedManagerClient()
-            opened = self.manager.open_session(self._open_request)
+            opened = self._open()
+        except BaseException:
+            attention.uninstall(model)
+            raise
         self.session_id = opened.session_id
         self.report_every_block = opened.report_every_block
         self.layer_budgets = list(opened.layer_budgets)
         device = next(model.parameters()).device
         self.device = device
-        self.cache = PrunableCache(self.geometry.num_layers, self.geometry.num_kv_heads, device)
+        self.cache = PrunableCache(self.geometry.num_layers, self.geometry.num_kv_heads, device,
+                                   self.geometry.sliding_windows)
         requirements = [Requirement.from_proto(r, opened.statistics_dtype) for r in opened.statistics]
         self.collector = StatisticsCollector(requirements, self.geometry.num_layers, self.cache)
         self._next_position = 0
@@ -101,6 +106,16 @@ class CacheSession:
         self._sequence = 0
         self._decode_steps = 0
         self._closed = False
+
+    def _open(self) -> pb.OpenSessionResponse:
+        try:
+            return self.manager.open_session(self._open_request)
+        except _LOST_MANAGER as error:
+            if not self.settings.fail_open:
+                raise
+            self._note_fallback(error)
+            self.manager = EmbeddedManagerClient()
+            return self.manager.open_session(self._open_request)
 
     # -- forwards -------------------------------------------------------------------------
     def prefill(self, token_ids: torch.Tensor, on_block: Callable[[int], None] | None = None,
@@ -158,6 +173,8 @@ class CacheSession:
             logits_to_keep=0 if all_logits else 1,
             **{COLLECTOR_KWARG: self.collector},
         )
+        if self.cache.tokens_seen == token_ids.numel():  # the first forward: shapes exist now
+            self.cache.check_geometry(self.geometry.head_dim)
         for layer in range(self.cache.num_layers):
             self.stats.peak_lengths[layer] = max(self.stats.peak_lengths[layer], self.cache.length(layer))
         kv_bytes = self.cache.kv_bytes()
@@ -175,12 +192,20 @@ class CacheSession:
 
     # -- reports --------------------------------------------------------------------------
     def _end_period(self, phase: int) -> None:
-        over_budget = any(self.cache.length(layer) > budget for layer, budget in enumerate(self.layer_budgets))
+        # Between reports the collector's per-token sums grow with the cache; only here may it shrink.
+        unseen = self.cache.unseen(self._next_position - 1)
+        over_budget = any(self.cache.length(layer) - unseen[layer] > budget
+                          for layer, budget in enumerate(self.layer_budgets))
         if self.report_every_block or over_budget:
-            self._report(phase)
+            self._report(phase, unseen)
+        elif any(unseen):
+            self.cache.drop_leading(unseen)
+            self._track_kv()
 
-    def _report(self, phase: int) -> None:
-        request = self._build_report(phase)
+    def _report(self, phase: int, unseen: list[int]) -> None:
+        """Reports what stays visible; then drops the `unseen` leading tokens per layer (the
+        manager drops the same) and applies the keep masks, which index what is left."""
+        request = self._build_report(phase, unseen)
         started = time.perf_counter()
         try:
             response = self._timed_report(self.manager, request)
@@ -192,6 +217,7 @@ class CacheSession:
         self.stats.reports += 1
         self.stats.report_bytes += request.ByteSize()
         self._pending_positions.clear()
+        self.cache.drop_leading(unseen)
         evicted = 0
         for keep in response.keeps:
             mask = wire.decode_bits(keep.keep, f"keeps[{keep.layer}].keep")
@@ -213,15 +239,18 @@ class CacheSession:
                 self.metrics.reported(time.perf_counter() - started)
 
     @torch.inference_mode()
-    def _build_report(self, phase: int) -> pb.ReportBlockRequest:
+    def _build_report(self, phase: int, unseen: list[int]) -> pb.ReportBlockRequest:
         self._sequence += 1
         positions = torch.cat(self._pending_positions).cpu().numpy()
         layers = []
         for layer in range(self.cache.num_layers):
             keys, values = self.cache.keys_values(layer)
+            # Measured over the cache as the period left it (the collector's columns), sent
+            # without the tokens that left the window.
             statistics = self.collector.layer_statistics(layer, keys, values)
-            tensors = [to_wire(t, req.dtype) for t, req in zip(statistics, self.collector.requirements)]
-            layers.append(pb.LayerStatistics(layer=layer, cache_length=self.cache.length(layer), values=tensors))
+            tensors = [to_wire(t[:, unseen[layer]:], req.dtype) for t, req in zip(statistics, self.collector.requirements)]
+            layers.append(pb.LayerStatistics(layer=layer, cache_length=self.cache.length(layer) - unseen[layer],
+                                             values=tensors))
         return pb.ReportBlockRequest(session_id=self.session_id, sequence=self._sequence, phase=phase,
                                      positions=wire.encode(positions.astype(np.int64)), layers=layers)
 
@@ -248,6 +277,7 @@ class CacheSession:
         if self._closed:
             return None
         self._closed = True
+        attention.uninstall(self.model)
         if self.metrics is not None:  # the cache is no longer in flight
             self.metrics.kv_cache_changed(-self._kv_tracked[0], -self._kv_tracked[1])
             self._kv_tracked = (0, 0)

@@ -96,7 +96,7 @@ def summarize(session: CacheSession, prompt_tokens: int, generated: int, prefill
     return EvictionSummary(
         prompt_tokens=prompt_tokens,
         generated_tokens=generated,
-        evicted_per_layer=[cache.tokens_seen - length for length in final],
+        evicted_per_layer=[cache.evicted(layer) for layer in range(cache.num_layers)],
         final_lengths=final,
         peak_lengths=list(session.stats.peak_lengths),
         layer_budgets=list(session.layer_budgets),

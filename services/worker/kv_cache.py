@@ -2,27 +2,37 @@
 
 Each layer keeps, beside its keys and values, the absolute positions of its cached tokens
 (Hkv, L): kept tokens keep their relative order, which is what keeps the manager's per-token
-state aligned with this cache without sending positions back.
+state aligned with this cache without sending positions back. Sliding-window layers drop the
+tokens no later query can see (the rule of `kvevict.cache_manager.sliding`, which the manager
+applies to its own state).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import DynamicCache
 
+from kvevict.cache_manager.sliding import droppable
 from kvevict.worker.statistics import PositionSource
 
 
 class PrunableCache(PositionSource):
     """The KV cache of one sequence, with per-layer absolute positions and keep-mask pruning."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, num_layers: int, num_kv_heads: int, device: torch.device | str = "cpu",
+                 sliding_windows: Sequence[int] = ()) -> None:
         # No config: every layer is a plain DynamicLayer (a sliding-window layer would crop itself
-        # behind our back; sliding windows are applied in the attention mask instead).
+        # behind our back; windows are applied in the attention mask and by drop_unseen instead).
         self.hf_cache = DynamicCache()
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
+        self.sliding_windows = list(sliding_windows) or [0] * num_layers  # 0 = full attention
+        if len(self.sliding_windows) != num_layers:
+            raise ValueError(f"{len(self.sliding_windows)} sliding windows for {num_layers} layers")
         self._positions = [torch.empty(num_kv_heads, 0, dtype=torch.long, device=device) for _ in range(num_layers)]
+        self._dropped = [0] * num_layers  # tokens per KV head that left a layer's sliding window
         self.tokens_seen = 0
 
     def append_positions(self, positions: torch.Tensor) -> None:
@@ -35,13 +45,45 @@ class PrunableCache(PositionSource):
     def positions(self, layer: int) -> torch.Tensor:
         return self._positions[layer]
 
+    def window(self, layer: int) -> int:
+        """The layer's sliding attention window in tokens, 0 for full attention."""
+        return self.sliding_windows[layer]
+
     def length(self, layer: int) -> int:
         """Tokens per KV head cached in `layer`."""
         return self._positions[layer].shape[1]
 
+    def evicted(self, layer: int) -> int:
+        """Tokens per KV head eviction removed from `layer` (not those that left its window)."""
+        return self.tokens_seen - self._dropped[layer] - self.length(layer)
+
     def keys_values(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         entry = self.hf_cache.layers[layer]
         return entry.keys, entry.values
+
+    def check_geometry(self, head_dim: int) -> None:
+        """Raises when the model cached other shapes than the geometry it was opened with."""
+        for layer, entry in enumerate(self.hf_cache.layers):
+            got = (entry.keys.shape[1], entry.keys.shape[-1]) if entry.keys is not None else None
+            if got != (self.num_kv_heads, head_dim):
+                raise ValueError(f"layer {layer} caches (KV heads, head dim) {got}, the geometry read from the "
+                                 f"model config says ({self.num_kv_heads}, {head_dim}): this architecture's "
+                                 "config is not understood (kvevict.worker.model_loader.geometry_of)")
+
+    def unseen(self, last_position: int) -> list[int]:
+        """Per layer, the leading tokens no query after `last_position` can see in any KV head."""
+        return [droppable(p, last_position, w) for p, w in zip(self._positions, self.sliding_windows)]
+
+    def drop_leading(self, counts: Sequence[int]) -> None:
+        """Drops the first counts[l] tokens of every KV head of each layer l (see unseen)."""
+        for layer, count in enumerate(counts):
+            if count:
+                self._positions[layer] = self._positions[layer][:, count:]
+                entry = self.hf_cache.layers[layer]
+                # Copies, so the dropped rows' memory is freed now, not at the next append.
+                entry.keys = entry.keys[:, :, count:].contiguous()
+                entry.values = entry.values[:, :, count:].contiguous()
+                self._dropped[layer] += count
 
     def apply_keep(self, layer: int, keep: torch.Tensor) -> None:
         """Keeps the tokens of `keep` (Hkv, L) bool, the same count in every head, in order."""
@@ -71,11 +113,12 @@ class PrunableCache(PositionSource):
         return total
 
     def full_cache_bytes(self) -> int:
-        """Bytes the same cache would hold had nothing been evicted."""
+        """Bytes transformers' own cache (DynamicCache(config=...)) would hold for the same tokens
+        had nothing been evicted: every token seen, or in a sliding layer the last window - 1."""
         total = 0
-        for entry in self.hf_cache.layers:
+        for entry, window in zip(self.hf_cache.layers, self.sliding_windows):
             if entry.keys is not None and entry.keys.numel():
                 per_token = entry.keys.shape[1] * (entry.keys.shape[-1] * entry.keys.element_size()
                                                    + entry.values.shape[-1] * entry.values.element_size())
-                total += per_token * self.tokens_seen
+                total += per_token * (min(self.tokens_seen, window - 1) if window else self.tokens_seen)
         return total

@@ -12,12 +12,14 @@ class EvictionSummary:
 
     prompt_tokens: int
     generated_tokens: int
-    evicted_per_layer: list[int]  # tokens evicted per KV head, per layer
+    # Tokens evicted per KV head, per layer (not those that left a sliding window: a full cache drops them too).
+    evicted_per_layer: list[int]
     final_lengths: list[int]  # tokens per KV head left in each layer's cache
     peak_lengths: list[int]  # largest cache length each layer reached
     layer_budgets: list[int]
     kv_bytes: int  # keys + values held at the end
-    full_cache_bytes: int  # what a cache without eviction would hold
+    # What transformers' own cache would hold without eviction (sliding layers: their window).
+    full_cache_bytes: int
     peak_kv_bytes: int
     reports: int
     report_bytes: int
