@@ -106,6 +106,7 @@ class CacheSession:
         self._sequence = 0
         self._decode_steps = 0
         self._closed = False
+        self._evicting = True
 
     def _open(self) -> pb.OpenSessionResponse:
         try:
@@ -191,14 +192,19 @@ class CacheSession:
         self._kv_tracked = now
 
     # -- reports --------------------------------------------------------------------------
+    def stop_evicting(self) -> None:
+        """No more reports: what is cached stays, what comes is appended (e.g. a question read
+        after its context was evicted, as kvpress's protocol does)."""
+        self._evicting = False
+
     def _end_period(self, phase: int) -> None:
         # Between reports the collector's per-token sums grow with the cache; only here may it shrink.
         unseen = self.cache.unseen(self._next_position - 1)
         over_budget = any(self.cache.length(layer) - unseen[layer] > budget
                           for layer, budget in enumerate(self.layer_budgets))
-        if self.report_every_block or over_budget:
+        if self._evicting and (self.report_every_block or over_budget):
             self._report(phase, unseen)
-        elif any(unseen):
+        elif any(unseen):  # what no query can see goes, evicting or not
             self.cache.drop_leading(unseen)
             self._track_kv()
 
@@ -245,10 +251,9 @@ class CacheSession:
         layers = []
         for layer in range(self.cache.num_layers):
             keys, values = self.cache.keys_values(layer)
-            # Measured over the cache as the period left it (the collector's columns), sent
-            # without the tokens that left the window.
-            statistics = self.collector.layer_statistics(layer, keys, values)
-            tensors = [to_wire(t[:, unseen[layer]:], req.dtype) for t, req in zip(statistics, self.collector.requirements)]
+            # Over the tokens that stay: those that left the window are dropped after the report.
+            statistics = self.collector.layer_statistics(layer, keys, values, unseen[layer])
+            tensors = [to_wire(t, req.dtype) for t, req in zip(statistics, self.collector.requirements)]
             layers.append(pb.LayerStatistics(layer=layer, cache_length=self.cache.length(layer) - unseen[layer],
                                              values=tensors))
         return pb.ReportBlockRequest(session_id=self.session_id, sequence=self._sequence, phase=phase,

@@ -123,20 +123,27 @@ class StatisticsCollector:
         acc.accumulated = _grow_add(previous, addition)
         acc.accumulated_positions = positions
 
-    def layer_statistics(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> list[torch.Tensor]:
-        """The negotiated statistics of one layer, float32 (Hkv, L), in negotiated order.
+    def layer_statistics(self, layer: int, keys: torch.Tensor, values: torch.Tensor,
+                         unseen: int = 0) -> list[torch.Tensor]:
+        """The negotiated statistics of one layer, float32 (Hkv, L - unseen), in negotiated order,
+        over the cached tokens but the `unseen` leading ones (out of every later query's sliding
+        window: they leave the cache, so means, cosines and reference outputs leave them out).
 
         keys/values: the layer's cache, (1, Hkv, L, d).
         """
         acc = self._layers[layer]
-        k32, v32 = keys[0].float(), values[0].float()
-        num_kv_heads, length = k32.shape[0], k32.shape[1]
+        k32, v32 = keys[0, :, unseen:].float(), values[0, :, unseen:].float()
+        num_kv_heads, length = keys.shape[1], keys.shape[2]
+
+        def visible(total: torch.Tensor | None) -> torch.Tensor:
+            return _padded(total, num_kv_heads, length, k32.device)[:, unseen:]
+
         results = []
         for req in self.requirements:
             if req.statistic == pb.STATISTIC_ATTN_SUM:
-                results.append(_padded(acc.attn_sum, num_kv_heads, length, k32.device))
+                results.append(visible(acc.attn_sum))
             elif req.statistic == pb.STATISTIC_ATTN_WINDOW:
-                results.append(_padded(acc.attn_window.get(req.window), num_kv_heads, length, k32.device))
+                results.append(visible(acc.attn_window.get(req.window)))
             elif req.statistic == pb.STATISTIC_VALUE_DEV_MEAN:
                 results.append(mean_deviation(v32))
             elif req.statistic == pb.STATISTIC_KEY_COSINE:
@@ -144,9 +151,8 @@ class StatisticsCollector:
             elif req.statistic == pb.STATISTIC_VALUE_DEV_EXCLUDED:
                 weights = reference_weights(
                     req.reference, pool_kernel=req.pool_kernel, keys=k32, values=v32,
-                    window_attention=_padded(acc.attn_window.get(req.window), num_kv_heads, length, k32.device),
-                    accumulated=_padded(acc.accumulated, num_kv_heads, length, k32.device),
-                    positions=self.cache.positions(layer))
+                    window_attention=visible(acc.attn_window.get(req.window)),
+                    accumulated=visible(acc.accumulated), positions=self.cache.positions(layer)[:, unseen:])
                 results.append(excluded_deviation(weights, v32))
             else:
                 raise ValueError(f"the worker cannot compute statistic {req.statistic}")
