@@ -75,9 +75,13 @@ def test_a_record_does_not_change_when_others_are_added(demo_tokenizer) -> None:
     more = generate(demo_tokenizer, list(TASKS), [1024, 2048], 3, seed=5)
     by_id = {r["id"]: r for r in more}
     assert few and all(by_id[r["id"]] == r for r in few)
-    # ... and the seed matters.
-    other = make_record("niah_single_number_prose", demo_tokenizer, 1024, 0, seed=6)
-    assert other["context"] != few[0]["context"] and other["answers"] != few[0]["answers"]
+    # Each (seed, task, length, index) has its own draws: the seed, the task, the length and the
+    # index each change a record's values.
+    base = by_id["niah_single_number_noise/1024/0000"]["answers"]
+    assert base != make_record("niah_single_number_noise", demo_tokenizer, 1024, 0, seed=6)["answers"]
+    assert base != by_id["niah_single_number_prose/1024/0000"]["answers"]
+    assert base != by_id["niah_single_number_noise/2048/0000"]["answers"]
+    assert base != by_id["niah_single_number_noise/1024/0001"]["answers"]
 
 
 # -- lengths ------------------------------------------------------------------------------------------
