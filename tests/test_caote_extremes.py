@@ -35,6 +35,9 @@ class _OneLayer(PositionSource):
     def positions(self, layer: int) -> torch.Tensor:
         return torch.arange(LENGTH)[None, :]
 
+    def window(self, layer: int) -> int:
+        return 0
+
 
 def caote_through_the_worker(query, key, value, session_dtype: int) -> np.ndarray:
     """caote+tova's score of every token of the one-head layer, as the manager computes it from

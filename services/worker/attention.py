@@ -23,6 +23,8 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
+from kvevict.worker.observers import CAPTURE_KWARG
+
 ATTN_IMPLEMENTATION = "kvevict"
 COLLECTOR_KWARG = "kvevict_collector"
 # On a model switched by `install`: (the implementation it had before, sessions open on it).
@@ -97,6 +99,9 @@ def kvevict_attention(
     scaling = head_dim**-0.5 if scaling is None else scaling
     collector = kwargs.get(COLLECTOR_KWARG)
     layer = getattr(module, "layer_idx", None)
+    capture = kwargs.get(CAPTURE_KWARG)
+    if capture is not None:  # observer queries (kvevict.worker.observers): keep this layer's
+        capture.record(layer, query, num_kv_heads, scaling, softcap, sliding_window)
     if collector is not None and (sliding_window or 0) != collector.cache.window(layer):
         # The cache drops tokens by the window the geometry announced: it must be this one.
         raise ValueError(f"layer {layer} attends with sliding window {sliding_window}, the cache geometry "

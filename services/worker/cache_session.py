@@ -19,6 +19,7 @@ from kvevict.worker.attention import COLLECTOR_KWARG
 from kvevict.worker.kv_cache import PrunableCache
 from kvevict.worker.manager_client import EmbeddedManagerClient, ManagerClient
 from kvevict.worker.model_loader import geometry_of
+from kvevict.worker.observers import CAPTURE_KWARG, ObserverQueries, QueryCapture
 from kvevict.worker.remote_manager import ManagerUnavailable
 from kvevict.worker.statistics import Requirement, StatisticsCollector, to_wire
 
@@ -192,6 +193,19 @@ class CacheSession:
         self._kv_tracked = now
 
     # -- reports --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def observe_queries_of(self, token_ids: torch.Tensor, first_position: int) -> None:
+        """Makes the queries of `token_ids` (not in the cache: e.g. the question that will follow
+        the prompt), at positions first_position..., every later report's observation window.
+
+        They come from one forward of those tokens alone (their queries do not see the context):
+        the window statistics then rank the cache by what the question will look for."""
+        positions = torch.arange(first_position, first_position + token_ids.numel(), device=self.device)
+        capture = QueryCapture(positions)
+        self.model(input_ids=token_ids.to(self.device)[None, :], position_ids=positions[None, :], use_cache=False,
+                   logits_to_keep=1, **{CAPTURE_KWARG: capture})
+        self.collector.observers = ObserverQueries(capture)
+
     def stop_evicting(self) -> None:
         """No more reports: what is cached stays, what comes is appended (e.g. a question read
         after its context was evicted, as kvpress's protocol does)."""

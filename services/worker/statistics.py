@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from kvevict import wire
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
+from kvevict.worker.observers import ObserverQueries
 from kvevict.worker.reference import excluded_deviation, key_cosine, mean_deviation, reference_weights
 
 _FLOAT16_MAX = float(torch.finfo(torch.float16).max)
@@ -80,6 +81,8 @@ class StatisticsCollector:
         self._wants_sum = any(r.statistic == pb.STATISTIC_ATTN_SUM for r in self.requirements)
         self._wants_accumulated = any(r.reference == pb.REFERENCE_ACCUMULATED_ATTENTION for r in self.requirements)
         self._layers = [_LayerAccumulators() for _ in range(num_layers)]
+        # When set, window statistics are the observers' attention instead of the period's last queries.
+        self.observers: ObserverQueries | None = None
         self._period_length = 0
         self._queries_seen: list[int] = [0] * num_layers
 
@@ -135,15 +138,22 @@ class StatisticsCollector:
         k32, v32 = keys[0, :, unseen:].float(), values[0, :, unseen:].float()
         num_kv_heads, length = keys.shape[1], keys.shape[2]
 
+        positions = self.cache.positions(layer)[:, unseen:]
+
         def visible(total: torch.Tensor | None) -> torch.Tensor:
             return _padded(total, num_kv_heads, length, k32.device)[:, unseen:]
+
+        def window_attention(window: int) -> torch.Tensor:
+            if self.observers is not None:
+                return self.observers.attention(layer, k32, positions, window)
+            return visible(acc.attn_window.get(window))
 
         results = []
         for req in self.requirements:
             if req.statistic == pb.STATISTIC_ATTN_SUM:
                 results.append(visible(acc.attn_sum))
             elif req.statistic == pb.STATISTIC_ATTN_WINDOW:
-                results.append(visible(acc.attn_window.get(req.window)))
+                results.append(window_attention(req.window))
             elif req.statistic == pb.STATISTIC_VALUE_DEV_MEAN:
                 results.append(mean_deviation(v32))
             elif req.statistic == pb.STATISTIC_KEY_COSINE:
@@ -151,8 +161,8 @@ class StatisticsCollector:
             elif req.statistic == pb.STATISTIC_VALUE_DEV_EXCLUDED:
                 weights = reference_weights(
                     req.reference, pool_kernel=req.pool_kernel, keys=k32, values=v32,
-                    window_attention=visible(acc.attn_window.get(req.window)),
-                    accumulated=visible(acc.accumulated), positions=self.cache.positions(layer)[:, unseen:])
+                    window_attention=window_attention(req.window) if req.window else None,
+                    accumulated=visible(acc.accumulated), positions=positions)
                 results.append(excluded_deviation(weights, v32))
             else:
                 raise ValueError(f"the worker cannot compute statistic {req.statistic}")
@@ -160,10 +170,14 @@ class StatisticsCollector:
 
 
 class PositionSource:
-    """What the collector needs of the cache: absolute positions per layer (sliding windows, and
-    realigning accumulated attention after evictions)."""
+    """What the collector and attention need of the cache: absolute positions per layer (sliding
+    windows, realigning accumulated attention after evictions) and each layer's sliding window."""
 
     def positions(self, layer: int) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def window(self, layer: int) -> int:  # pragma: no cover - interface
+        """The layer's sliding window, 0 for full attention."""
         raise NotImplementedError
 
 

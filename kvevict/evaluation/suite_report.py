@@ -1,0 +1,147 @@
+"""The real-model suite's results: one CSV row per (system, method, protocol, kept fraction,
+prompt), shared with the kvpress runner (benchmarks/peers/kvpress/run.py writes the same
+columns), and the side-by-side markdown tables.
+
+A table's cell is the mean score over prompts of the included tasks, with its standard error
+and n. Tasks the full cache does poorly on (below `min_full_cache`) are shown per task but left
+out of the average: eviction cannot lose what the model never had.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+FULL_CACHE = "full cache"
+
+
+@dataclass(frozen=True)
+class SuiteRow:
+    system: str  # kvevict | kvpress
+    method: str  # the system's own spelling (caote+snapkv, SnapKV, full cache)
+    protocol: str  # question_agnostic | question_aware | one_shot
+    kept_fraction: float
+    id: str
+    task: str
+    length: int
+    score: float
+    prediction: str
+    seconds: float
+
+
+FIELDS = [f.name for f in fields(SuiteRow)]
+
+
+def append_rows(rows: Iterable[SuiteRow], path: Path) -> None:
+    """Appends to a results CSV (its header first when it is new)."""
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow(asdict(row))
+
+
+def read_rows(path: Path) -> list[SuiteRow]:
+    """The rows of a results CSV; ValueError names the file and line of a bad row."""
+    rows = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames != FIELDS:
+            raise ValueError(f"{path}: columns {reader.fieldnames} are not {FIELDS}")
+        for line, record in enumerate(reader, start=2):
+            try:
+                rows.append(SuiteRow(system=record["system"], method=record["method"], protocol=record["protocol"],
+                                     kept_fraction=float(record["kept_fraction"]), id=record["id"],
+                                     task=record["task"], length=int(record["length"]), score=float(record["score"]),
+                                     prediction=record["prediction"], seconds=float(record["seconds"])))
+            except ValueError as error:
+                raise ValueError(f"{path}:{line}: {error}") from None
+    return rows
+
+
+def done_keys(path: Path) -> set[tuple[str, str, str, float, str]]:
+    """(system, method, protocol, kept_fraction, id) already measured (a resumed run skips them)."""
+    if not path.exists():
+        return set()
+    return {(r.system, r.method, r.protocol, r.kept_fraction, r.id) for r in read_rows(path)}
+
+
+@dataclass(frozen=True)
+class Cell:
+    mean: float
+    stderr: float
+    n: int
+    seconds: float  # mean wall time per prompt
+
+
+def _cell(rows: Sequence[SuiteRow]) -> Cell:
+    scores = [r.score for r in rows]
+    n = len(scores)
+    mean = sum(scores) / n
+    var = sum((s - mean) ** 2 for s in scores) / (n - 1) if n > 1 else 0.0
+    return Cell(mean, math.sqrt(var / n), n, sum(r.seconds for r in rows) / n)
+
+
+def full_cache_accuracy(rows: Sequence[SuiteRow]) -> dict[tuple[str, int], Cell]:
+    """(task, length) -> the full cache's score (any system's full-cache rows; kvevict's first)."""
+    groups: dict[tuple[str, int], list[SuiteRow]] = defaultdict(list)
+    systems = sorted({r.system for r in rows if r.method == FULL_CACHE}, key=lambda s: s != "kvevict")
+    for row in rows:
+        if row.method == FULL_CACHE and systems and row.system == systems[0]:
+            groups[(row.task, row.length)].append(row)
+    return {key: _cell(group) for key, group in groups.items()}
+
+
+def included_tasks(rows: Sequence[SuiteRow], min_full_cache: float) -> set[tuple[str, int]]:
+    return {key for key, cell in full_cache_accuracy(rows).items() if cell.mean >= min_full_cache}
+
+
+def method_order(rows: Sequence[SuiteRow]) -> list[tuple[str, str]]:
+    """(system, method): the full cache first, then kvevict's methods, then each peer's."""
+    seen = list(dict.fromkeys((r.system, r.method) for r in rows))
+    return sorted(seen, key=lambda sm: (sm[1] != FULL_CACHE, sm[0] != "kvevict", sm[0]))
+
+
+def _format(cell: Cell | None) -> str:
+    if cell is None:
+        return ""
+    return f"{100 * cell.mean:.1f} ± {100 * cell.stderr:.1f} (n={cell.n})"
+
+
+def markdown_side_by_side(rows: Sequence[SuiteRow], protocol: str, min_full_cache: float = 0.5) -> str:
+    """Rows: method of either system; columns: kept fraction; cells: mean ± standard error (n) in
+    %, over the prompts of the tasks the full cache does well on; and seconds per prompt."""
+    included = included_tasks(rows, min_full_cache)
+    rows = [r for r in rows if (r.task, r.length) in included and (r.protocol == protocol or r.method == FULL_CACHE)]
+    fractions = sorted({r.kept_fraction for r in rows if r.method != FULL_CACHE})
+    groups: dict[tuple[str, str, float], list[SuiteRow]] = defaultdict(list)
+    for row in rows:
+        groups[(row.system, row.method, 1.0 if row.method == FULL_CACHE else row.kept_fraction)].append(row)
+    lines = ["| system | method | " + " | ".join(f"{f:.0%}" for f in fractions) + " | s/prompt |",
+             "|---|---|" + "---|" * (len(fractions) + 1)]
+    for system, method in method_order(rows):
+        if method == FULL_CACHE:
+            cell = _cell(groups[(system, method, 1.0)])
+            cells = [_format(cell)] * len(fractions)
+            seconds = cell.seconds
+        else:
+            found = [groups.get((system, method, f)) for f in fractions]
+            cells = [_format(_cell(g)) if g else "" for g in found]
+            measured = [g for g in found if g]
+            seconds = sum(_cell(g).seconds for g in measured) / len(measured) if measured else math.nan
+        lines.append(f"| {system} | {method} | " + " | ".join(cells) + f" | {seconds:.2f} |")
+    return "\n".join(lines)
+
+
+def markdown_full_cache(rows: Sequence[SuiteRow], min_full_cache: float = 0.5) -> str:
+    """The full cache's score per task and length, and whether the task enters the averages."""
+    lines = ["| task | length | full cache | in averages |", "|---|---|---|---|"]
+    for (task, length), cell in sorted(full_cache_accuracy(rows).items()):
+        lines.append(f"| {task} | {length} | {_format(cell)} | {'yes' if cell.mean >= min_full_cache else 'no'} |")
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""The suite's runner: with the full cache it answers what plain transformers' greedy generate
+answers; each protocol evicts as it says (one report for one-shot, the question never evicted);
+question-aware changes what window policies keep and nothing else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kvevict import wire
+from kvevict.evaluation.runner import EvictionConfig
+from kvevict.evaluation.suite_runner import answer_prompt, encode
+from kvevict.v1 import cache_manager_pb2 as pb
+from kvevict.worker.manager_client import EmbeddedManagerClient
+from kvevict.worker.model_loader import load_model
+from tests.checkpoints import save_tiny_checkpoint
+
+CONTEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n" * 6
+RECORDS = [dict(context=CONTEXT, question=question, max_new_tokens=12, answers=["x"], metric="all")
+           for question in ("        self.x = ", "class Point:\n    def", "def add(")]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), num_hidden_layers=2, hidden_size=64)
+
+
+class RecordingManager(EmbeddedManagerClient):
+    """The embedded manager, keeping every answer's keep masks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.masks: list[dict[int, np.ndarray]] = []
+
+    def report_block(self, request: pb.ReportBlockRequest) -> pb.ReportBlockResponse:
+        response = super().report_block(request)
+        self.masks.append({k.layer: wire.decode_bits(k.keep, "keep") for k in response.keeps})
+        return response
+
+
+def test_full_cache_answers_what_transformers_greedy_generate_answers(checkpoint) -> None:
+    model, tokenizer = load_model(str(checkpoint))
+    plain = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    for record in RECORDS:
+        got = answer_prompt(model, tokenizer, record, None, block_size=16)
+        context, question = encode(tokenizer, record)
+        ids = torch.tensor([context + question])
+        with torch.inference_mode():
+            expected = plain.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                      pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
+        text = tokenizer.decode(expected, skip_special_tokens=True)
+        cut = text.lstrip()
+        expected_text = text[: len(text) - len(cut) + cut.index("\n") + 1] if "\n" in cut else text
+        assert got.prediction == expected_text
+        assert got.kept_tokens == got.context_tokens == len(context)
+
+
+@pytest.mark.parametrize("protocol,reports", [("one_shot", 1), ("question_agnostic", None)])
+def test_protocols_evict_the_context_only(checkpoint, protocol: str, reports: int | None) -> None:
+    model, tokenizer = load_model(str(checkpoint))
+    manager = RecordingManager()
+    got = answer_prompt(model, tokenizer, RECORDS[0], EvictionConfig(base="tova"), 0.25, protocol, block_size=16,
+                        manager=manager)
+    assert got.kept_tokens == round(0.25 * got.context_tokens)
+    # Block-wise: a report per block once over budget; one-shot: the whole context once. None after.
+    expected = reports or -(-got.context_tokens // 16) - (got.kept_tokens // 16)
+    assert len(manager.masks) == expected
+    assert all(mask.shape[1] <= got.context_tokens for masks in manager.masks for mask in masks.values())
+
+
+def test_question_aware_changes_what_window_policies_keep_and_only_theirs(checkpoint) -> None:
+    model, tokenizer = load_model(str(checkpoint))
+
+    def masks(base: str, protocol: str) -> list[dict[int, np.ndarray]]:
+        manager = RecordingManager()
+        answer_prompt(model, tokenizer, RECORDS[1], EvictionConfig(base=base), 0.25, protocol, block_size=16,
+                      manager=manager)
+        return manager.masks
+
+    def same(a, b) -> bool:
+        return len(a) == len(b) and all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+                                        for x, y in zip(a, b))
+
+    assert not same(masks("snapkv", "question_agnostic"), masks("snapkv", "question_aware"))
+    assert same(masks("keydiff", "question_agnostic"), masks("keydiff", "question_aware"))
+
+
+def test_an_unknown_protocol_is_refused(checkpoint) -> None:
+    model, tokenizer = load_model(str(checkpoint))
+    with pytest.raises(ValueError, match="protocol"):
+        answer_prompt(model, tokenizer, RECORDS[0], EvictionConfig(base="tova"), 0.5, "question_first")
+
+
+def test_the_suite_benchmark_runs_resumes_and_tables_both_systems(checkpoint, tmp_path) -> None:
+    from kvevict.evaluation.ruler import make_record
+    from kvevict.evaluation.ruler_records import write_prompts
+    from kvevict.evaluation.suite_report import FULL_CACHE, SuiteRow, append_rows, read_rows
+    from tests.script_loader import load_script
+
+    suite = load_script(Path(__file__).resolve().parent.parent / "benchmarks" / "suite.py")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    prompts = tmp_path / "suite.jsonl"
+    write_prompts([make_record("niah_single_number_noise", tokenizer, 2048, i) for i in range(2)], prompts)
+    out = tmp_path / "results.csv"
+    argv = ["run", "--model", str(checkpoint), "--prompts", str(prompts), "--out", str(out), "--methods", "tova",
+            "caote+tova", "--kept", "0.2", "0.5", "--block-size", "256", "--dtype", "float32", "--no-progress"]
+    assert suite.main(argv) == 0
+    rows = read_rows(out)
+    # The full cache once per prompt, then 2 methods x 2 kept fractions x 2 prompts.
+    assert len(rows) == 2 + 2 * 2 * 2
+    assert sum(r.method == FULL_CACHE for r in rows) == 2
+    assert all(0.0 <= r.score <= 1.0 and r.seconds > 0 for r in rows)
+    assert suite.main(argv) == 0 and len(read_rows(out)) == len(rows)  # resumed: nothing measured again
+    # A peer's rows (as benchmarks/peers/kvpress/run.py writes them) join the table.
+    peer = tmp_path / "kvpress.csv"
+    append_rows([SuiteRow("kvpress", "TOVA", "question_agnostic", 0.2, r.id, r.task, r.length, 1.0, "x", 0.5)
+                 for r in rows if r.method == FULL_CACHE], peer)
+    table = tmp_path / "suite.md"
+    assert suite.main(["table", str(out), str(peer), "--out", str(table), "--min-full-cache", "0"]) == 0
+    text = table.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("| kv")]
+    assert lines[0].startswith("| kvevict | full cache |")
+    assert any(line.startswith("| kvpress | TOVA | 100.0 ± 0.0 (n=2) |") for line in lines)
+    assert suite.main(["run", "--model", str(checkpoint), "--prompts", str(prompts), "--out", str(out),
+                       "--methods", "tova+caote"]) == 2
