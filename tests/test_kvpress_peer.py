@@ -51,7 +51,8 @@ run = _load_run()
     ("alpha and gamma", ["alpha", "beta", "gamma", "delta"], "all", 0.5),
     ("alpha and gamma", ["beta", "gamma"], "any", 1.0),
     ("alpha", ["beta", "delta"], "any", 0.0),
-    ("Alpha", ["alpha"], "all", 0.0),
+    ("Alpha", ["alpha"], "all", 1.0),
+    ("ab", ["AB", "c"], "any", 1.0),
     ("a", ["a b"], "all", 0.0),
 ])
 def test_score_is_substring_match_with_partial_credit(prediction, answers, metric, expected) -> None:
@@ -69,7 +70,8 @@ def test_score_agrees_with_the_projects_suite_metric() -> None:
     suite_metric = pytest.importorskip("kvevict.evaluation.suite_metric")
     project_score = suite_metric.score
     cases = [("52445", ["52445"], "all"), (" x 52445 y\n", ["52445"], "all"), ("a c", ["a", "b", "c"], "all"),
-             ("b", ["a", "b"], "any"), ("", ["a"], "any"), ("A", ["a"], "all"), ("5244", ["52445"], "all")]
+             ("b", ["a", "b"], "any"), ("", ["a"], "any"), ("A", ["a"], "all"), ("5244", ["52445"], "all"),
+             (" Hello ", ["hello"], "any"), ("X and y", ["x", "Y", "z"], "all")]
     for prediction, answers, metric in cases:
         assert run.score(prediction, answers, metric) == project_score(prediction, answers, metric), (prediction,
                                                                                                      answers, metric)

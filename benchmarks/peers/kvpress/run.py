@@ -80,18 +80,18 @@ DEFAULT_KEPT = (0.1, 0.2, 0.35, 0.5)
 
 def score(prediction: str, answers: list[str], metric: str) -> float:
     """Score of one prediction: "all" = the fraction of `answers` found as substrings (RULER's
-    string_match_all: 1.0 when every one is there), "any" = 1.0 if at least one is. Case-sensitive,
-    on the prediction stripped of whitespace.
+    string_match_all: 1.0 when every one is there), "any" = 1.0 if at least one is (RULER's
+    string_match_part). On the prediction stripped of whitespace, ignoring case as RULER does.
 
-    >>> score(" 52445 is it", ["52445"], "all"), score("a b", ["a", "c"], "all"), score("a", ["b", "a"], "any")
+    >>> score(" 52445 is it", ["52445"], "all"), score("A b", ["a", "c"], "all"), score("a", ["b", "a"], "any")
     (1.0, 0.5, 1.0)
     """
     if metric not in ("all", "any"):
         raise ValueError(f"metric: {metric!r} is not 'all' or 'any'")
-    if not answers:
-        raise ValueError("answers: empty; a generation record needs at least one gold string")
-    text = prediction.strip()
-    found = [answer in text for answer in answers]
+    if isinstance(answers, str) or not answers:
+        raise ValueError(f"answers: a non-empty list of gold strings is needed, got {answers!r}")
+    text = prediction.strip().lower()
+    found = [answer.lower() in text for answer in answers]
     if metric == "all":
         return sum(found) / len(found)
     return 1.0 if any(found) else 0.0
