@@ -28,8 +28,8 @@ from tqdm import tqdm
 from kvevict.evaluation.ruler_records import read_prompts
 from kvevict.evaluation.runner import EvictionConfig
 from kvevict.evaluation.suite_metric import score
-from kvevict.evaluation.suite_report import (FULL_CACHE, SuiteRow, append_rows, done_keys, markdown_full_cache,
-                                             markdown_side_by_side, read_rows)
+from kvevict.evaluation.suite_report import (FULL_CACHE, SuiteRow, append_rows, done_keys, is_full_cache,
+                                             markdown_full_cache, markdown_side_by_side, read_rows)
 from kvevict.evaluation.suite_runner import PROTOCOLS, answer_prompt
 from kvevict.policy_names import format_policy, parse_policy
 from kvevict.worker.model_loader import load_model
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
 def table(args: argparse.Namespace) -> int:
     rows = [row for path in args.csv for row in read_rows(path)]
-    protocols = [p for p in PROTOCOLS if any(r.protocol == p and r.method != FULL_CACHE for r in rows)]
+    protocols = [p for p in PROTOCOLS if any(r.protocol == p and not is_full_cache(r) for r in rows)]
     sections = ["## Full cache per task\n\n" + markdown_full_cache(rows, args.min_full_cache)]
     sections += [f"## {protocol}\n\nscore (%), mean ± standard error over the prompts of the tasks the full "
                  f"cache answers >= {args.min_full_cache:.0%}\n\n" + markdown_side_by_side(rows, protocol, args.min_full_cache)

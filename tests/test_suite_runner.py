@@ -117,13 +117,16 @@ def test_the_suite_benchmark_runs_resumes_and_tables_both_systems(checkpoint, tm
     assert suite.main(argv) == 0 and len(read_rows(out)) == len(rows)  # resumed: nothing measured again
     # A peer's rows (as benchmarks/peers/kvpress/run.py writes them) join the table.
     peer = tmp_path / "kvpress.csv"
-    append_rows([SuiteRow("kvpress", "TOVA", "question_agnostic", 0.2, r.id, r.task, r.length, 1.0, "x", 0.5)
-                 for r in rows if r.method == FULL_CACHE], peer)
+    full = [r for r in rows if r.method == FULL_CACHE]
+    append_rows([SuiteRow("kvpress", "none", "question_agnostic", 1.0, r.id, r.task, r.length, r.score, "x", 0.5)
+                 for r in full], peer)
+    append_rows([SuiteRow("kvpress", "TOVAPress", "question_agnostic", 0.2, r.id, r.task, r.length, 1.0, "x", 0.5)
+                 for r in full], peer)
     table = tmp_path / "suite.md"
     assert suite.main(["table", str(out), str(peer), "--out", str(table), "--min-full-cache", "0"]) == 0
     text = table.read_text()
     lines = [line for line in text.splitlines() if line.startswith("| kv")]
-    assert lines[0].startswith("| kvevict | full cache |")
-    assert any(line.startswith("| kvpress | TOVA | 100.0 ± 0.0 (n=2) |") for line in lines)
+    assert lines[0].startswith("| kvevict | full cache |") and lines[1].startswith("| kvpress | none |")
+    assert any(line.startswith("| kvpress | TOVAPress | 100.0 ± 0.0 (n=2) |") for line in lines)
     assert suite.main(["run", "--model", str(checkpoint), "--prompts", str(prompts), "--out", str(out),
                        "--methods", "tova+caote"]) == 2

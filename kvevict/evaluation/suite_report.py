@@ -16,7 +16,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-FULL_CACHE = "full cache"
+FULL_CACHE = "full cache"  # kvevict's name for it; a peer's full cache is its kept fraction 1.0 ("none")
+
+
+def is_full_cache(row: "SuiteRow") -> bool:
+    return row.kept_fraction >= 1.0
 
 
 @dataclass(frozen=True)
@@ -91,9 +95,9 @@ def _cell(rows: Sequence[SuiteRow]) -> Cell:
 def full_cache_accuracy(rows: Sequence[SuiteRow]) -> dict[tuple[str, int], Cell]:
     """(task, length) -> the full cache's score (any system's full-cache rows; kvevict's first)."""
     groups: dict[tuple[str, int], list[SuiteRow]] = defaultdict(list)
-    systems = sorted({r.system for r in rows if r.method == FULL_CACHE}, key=lambda s: s != "kvevict")
+    systems = sorted({r.system for r in rows if is_full_cache(r)}, key=lambda s: s != "kvevict")
     for row in rows:
-        if row.method == FULL_CACHE and systems and row.system == systems[0]:
+        if is_full_cache(row) and systems and row.system == systems[0]:
             groups[(row.task, row.length)].append(row)
     return {key: _cell(group) for key, group in groups.items()}
 
@@ -104,8 +108,9 @@ def included_tasks(rows: Sequence[SuiteRow], min_full_cache: float) -> set[tuple
 
 def method_order(rows: Sequence[SuiteRow]) -> list[tuple[str, str]]:
     """(system, method): the full cache first, then kvevict's methods, then each peer's."""
+    full = {(r.system, r.method) for r in rows if is_full_cache(r)}
     seen = list(dict.fromkeys((r.system, r.method) for r in rows))
-    return sorted(seen, key=lambda sm: (sm[1] != FULL_CACHE, sm[0] != "kvevict", sm[0]))
+    return sorted(seen, key=lambda sm: (sm not in full, sm[0] != "kvevict", sm[0]))
 
 
 def _format(cell: Cell | None) -> str:
@@ -118,15 +123,19 @@ def markdown_side_by_side(rows: Sequence[SuiteRow], protocol: str, min_full_cach
     """Rows: method of either system; columns: kept fraction; cells: mean ± standard error (n) in
     %, over the prompts of the tasks the full cache does well on; and seconds per prompt."""
     included = included_tasks(rows, min_full_cache)
-    rows = [r for r in rows if (r.task, r.length) in included and (r.protocol == protocol or r.method == FULL_CACHE)]
-    fractions = sorted({r.kept_fraction for r in rows if r.method != FULL_CACHE})
+    rows = [r for r in rows if (r.task, r.length) in included and (r.protocol == protocol or is_full_cache(r))]
+    fractions = sorted({r.kept_fraction for r in rows if not is_full_cache(r)})
     groups: dict[tuple[str, str, float], list[SuiteRow]] = defaultdict(list)
     for row in rows:
-        groups[(row.system, row.method, 1.0 if row.method == FULL_CACHE else row.kept_fraction)].append(row)
+        if is_full_cache(row) and row.protocol != protocol and any(
+                r.system == row.system and is_full_cache(r) and r.protocol == protocol for r in rows):
+            continue  # a peer's full cache is written once per protocol: take this protocol's
+        groups[(row.system, row.method, row.kept_fraction)].append(row)
+    full = {(r.system, r.method) for r in rows if is_full_cache(r)}
     lines = ["| system | method | " + " | ".join(f"{f:.0%}" for f in fractions) + " | s/prompt |",
              "|---|---|" + "---|" * (len(fractions) + 1)]
     for system, method in method_order(rows):
-        if method == FULL_CACHE:
+        if (system, method) in full:
             cell = _cell(groups[(system, method, 1.0)])
             cells = [_format(cell)] * len(fractions)
             seconds = cell.seconds
