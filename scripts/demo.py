@@ -81,12 +81,13 @@ REAL_MODEL_POLICIES = (("KeyDiff", "keydiff"), ("CAOTE + KeyDiff", "caote+keydif
 
 
 def early_needle(tokenizer, length: int, seed: int) -> dict:
-    """A needle-in-a-haystack record whose needle sits in the first third of the context."""
+    """A needle-in-a-haystack record whose needle sits 15-35% deep in the context (far back from
+    the question, not at the very start where sinks would keep it)."""
     from kvevict.evaluation.ruler import make_record
 
     for index in range(1000):
         record = make_record("niah_single_number_noise", tokenizer, length, index, seed)
-        if record["depth"] is not None and record["depth"] < 1 / 3:
+        if record["depth"] is not None and 0.15 <= record["depth"] < 0.35:
             return record
     raise RuntimeError("no early needle among 1000 records")
 
