@@ -10,7 +10,7 @@ import pytest
 from kvevict import wire
 from kvevict.cache_manager import InMemoryStateStore, InvalidArgument, ManagerCore, SessionState
 from kvevict.v1 import cache_manager_pb2 as pb
-from tests.test_manager_support import open_request, random_statistic
+from tests.test_manager_support import on_the_wire, open_request, random_statistic
 
 WINDOWS = [6, 0, 9]  # sliding, full, sliding
 
@@ -34,7 +34,7 @@ def _report(core: ManagerCore, opened: pb.OpenSessionResponse, sequence: int, ne
     request = pb.ReportBlockRequest(session_id=opened.session_id, sequence=sequence, phase=pb.PHASE_PREFILL,
                                     positions=wire.encode(new.astype(np.int64)))
     for layer, length in enumerate(lengths):
-        values = [wire.encode(random_statistic(rng, req.statistic, (2, length)).astype(np.float16))
+        values = [on_the_wire(random_statistic(rng, req.statistic, (2, length)), req.dtype)[0]
                   for req in opened.statistics]
         request.layers.add(layer=layer, cache_length=length, values=values)
     return request
