@@ -29,7 +29,8 @@ from kvevict.evaluation.ruler_records import read_prompts
 from kvevict.evaluation.runner import EvictionConfig
 from kvevict.evaluation.suite_metric import score
 from kvevict.evaluation.suite_report import (FULL_CACHE, SuiteRow, append_rows, done_keys, is_full_cache,
-                                             markdown_full_cache, markdown_side_by_side, read_rows)
+                                             markdown_full_cache, markdown_paired_effects, markdown_side_by_side,
+                                             read_rows)
 from kvevict.evaluation.suite_runner import PROTOCOLS, answer_prompt
 from kvevict.policy_names import format_policy, parse_policy
 from kvevict.worker.model_loader import load_model
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     done = done_keys(args.out)
-    jobs = [(FULL_CACHE, None, "question_agnostic", 1.0, r) for r in prompts]
+    jobs = [] if args.skip_full_cache else [(FULL_CACHE, None, "question_agnostic", 1.0, r) for r in prompts]
     jobs += [(name, config, protocol, kept, r) for name, config in configs for protocol in args.protocols
              for kept in args.kept for r in prompts]
     jobs = [j for j in jobs if ("kvevict", j[0], j[2], j[3], j[4]["id"]) not in done]
@@ -71,9 +72,14 @@ def table(args: argparse.Namespace) -> int:
     rows = [row for path in args.csv for row in read_rows(path)]
     protocols = [p for p in PROTOCOLS if any(r.protocol == p and not is_full_cache(r) for r in rows)]
     sections = ["## Full cache per task\n\n" + markdown_full_cache(rows, args.min_full_cache)]
-    sections += [f"## {protocol}\n\nscore (%), mean ± standard error over the prompts of the tasks the full "
-                 f"cache answers >= {args.min_full_cache:.0%}\n\n" + markdown_side_by_side(rows, protocol, args.min_full_cache)
-                 for protocol in protocols]
+    for protocol in protocols:
+        sections.append(f"## {protocol}\n\nscore (%), mean ± standard error over the prompts of the tasks the full "
+                        f"cache answers >= {args.min_full_cache:.0%}\n\n"
+                        + markdown_side_by_side(rows, protocol, args.min_full_cache))
+        effects = markdown_paired_effects(rows, protocol, args.min_full_cache)
+        if effects.count("\n") > 1:
+            sections.append(f"### wrapper minus base ({protocol}, kvevict, paired by prompt)\n\npoints; `*`: "
+                            "beyond twice the standard error\n\n" + effects)
     text = "# Real-model suite\n\n" + "\n\n".join(sections) + "\n"
     if args.out:
         args.out.write_text(text)
@@ -94,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     runner.add_argument("--protocols", nargs="+", default=["question_agnostic"], choices=PROTOCOLS)
     runner.add_argument("--block-size", type=int, default=128)
     runner.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    runner.add_argument("--skip-full-cache", action="store_true",
+                        help="no full-cache rows (another CSV of the same prompts has them)")
     runner.add_argument("--device", default="cpu")
     runner.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     runner.add_argument("--threads", type=int, default=1)

@@ -115,6 +115,10 @@ def test_the_suite_benchmark_runs_resumes_and_tables_both_systems(checkpoint, tm
     assert sum(r.method == FULL_CACHE for r in rows) == 2
     assert all(0.0 <= r.score <= 1.0 and r.seconds > 0 for r in rows)
     assert suite.main(argv) == 0 and len(read_rows(out)) == len(rows)  # resumed: nothing measured again
+    apart = tmp_path / "apart.csv"  # another process, same prompts: no second full cache
+    assert suite.main(argv[:6] + [str(apart), "--methods", "keydiff", "--kept", "0.2", "--skip-full-cache",
+                                  "--dtype", "float32", "--no-progress"]) == 0
+    assert [r.method for r in read_rows(apart)] == ["keydiff"] * 2
     # A peer's rows (as benchmarks/peers/kvpress/run.py writes them) join the table.
     peer = tmp_path / "kvpress.csv"
     full = [r for r in rows if r.method == FULL_CACHE]
@@ -128,5 +132,9 @@ def test_the_suite_benchmark_runs_resumes_and_tables_both_systems(checkpoint, tm
     lines = [line for line in text.splitlines() if line.startswith("| kv")]
     assert lines[0].startswith("| kvevict | full cache |") and lines[1].startswith("| kvpress | none |")
     assert any(line.startswith("| kvpress | TOVAPress | 100.0 ± 0.0 (n=2) |") for line in lines)
+    # The wrapper's effect, paired by prompt, from the same rows.
+    by = {(r.method, r.kept_fraction, r.id): r.score for r in rows}
+    diff = sum(by[("caote+tova", 0.2, i)] - by[("tova", 0.2, i)] for i in {r.id for r in rows}) / 2
+    assert f"| caote+tova - tova | {100 * diff:+.1f} ± " in text
     assert suite.main(["run", "--model", str(checkpoint), "--prompts", str(prompts), "--out", str(out),
                        "--methods", "tova+caote"]) == 2

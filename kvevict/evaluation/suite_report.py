@@ -154,3 +154,34 @@ def markdown_full_cache(rows: Sequence[SuiteRow], min_full_cache: float = 0.5) -
     for (task, length), cell in sorted(full_cache_accuracy(rows).items()):
         lines.append(f"| {task} | {length} | {_format(cell)} | {'yes' if cell.mean >= min_full_cache else 'no'} |")
     return "\n".join(lines)
+
+
+def markdown_paired_effects(rows: Sequence[SuiteRow], protocol: str, min_full_cache: float = 0.5,
+                            system: str = "kvevict") -> str:
+    """Each wrapped method minus its base (`caote+snapkv` - `snapkv`), paired by prompt and kept
+    fraction: mean ± standard error in points, and how many prompts it answered better / worse.
+    `*` marks a mean beyond twice its standard error."""
+    included = included_tasks(rows, min_full_cache)
+    scores = {(r.method, r.kept_fraction, r.id): r.score for r in rows
+              if r.system == system and r.protocol == protocol and not is_full_cache(r)
+              and (r.task, r.length) in included}
+    fractions = sorted({k for _, k, _ in scores})
+    wrapped = sorted({m for m, _, _ in scores if "+" in m and m.split("+", 1)[1] in {b for b, _, _ in scores}})
+    lines = ["| method | " + " | ".join(f"{f:.0%}" for f in fractions) + " |", "|---|" + "---|" * len(fractions)]
+    for method in wrapped:
+        base = method.split("+", 1)[1]
+        cells = []
+        for fraction in fractions:
+            diffs = [scores[(method, fraction, i)] - s for (m, k, i), s in scores.items()
+                     if m == base and k == fraction and (method, fraction, i) in scores]
+            if not diffs:
+                cells.append("")
+                continue
+            n = len(diffs)
+            mean = sum(diffs) / n
+            se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else 0.0
+            star = "*" if se > 0 and abs(mean) > 2 * se else ""
+            better, worse = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+            cells.append(f"{100 * mean:+.1f} ± {100 * se:.1f}{star} (n={n}; {better} better, {worse} worse)")
+        lines.append(f"| {method} - {base} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
