@@ -124,6 +124,8 @@ def test_the_suite_benchmark_runs_resumes_and_tables_both_systems(checkpoint, tm
     full = [r for r in rows if r.method == FULL_CACHE]
     append_rows([SuiteRow("kvpress", "none", "question_agnostic", 1.0, r.id, r.task, r.length, r.score, "x", 0.5)
                  for r in full], peer)
+    append_rows([SuiteRow("kvpress", "none", "question_aware", 1.0, r.id, r.task, r.length, 0.0, "x", 0.5)
+                 for r in full], peer)  # kvpress writes its full cache once per protocol
     append_rows([SuiteRow("kvpress", "TOVAPress", "question_agnostic", 0.2, r.id, r.task, r.length, 1.0, "x", 0.5)
                  for r in full], peer)
     table = tmp_path / "suite.md"
@@ -131,6 +133,8 @@ def test_the_suite_benchmark_runs_resumes_and_tables_both_systems(checkpoint, tm
     text = table.read_text()
     lines = [line for line in text.splitlines() if line.startswith("| kv")]
     assert lines[0].startswith("| kvevict | full cache |") and lines[1].startswith("| kvpress | none |")
+    peer_full = 100 * sum(r.score for r in full) / len(full)
+    assert lines[1].split(" | ")[2].startswith(f"{peer_full:.1f} ± ") and "(n=2)" in lines[1]  # its agnostic rows only
     assert any(line.startswith("| kvpress | TOVAPress | 100.0 ± 0.0 (n=2) |") for line in lines)
     # The wrapper's effect, paired by prompt, from the same rows.
     by = {(r.method, r.kept_fraction, r.id): r.score for r in rows}

@@ -125,11 +125,17 @@ def markdown_side_by_side(rows: Sequence[SuiteRow], protocol: str, min_full_cach
     included = included_tasks(rows, min_full_cache)
     rows = [r for r in rows if (r.task, r.length) in included and (r.protocol == protocol or is_full_cache(r))]
     fractions = sorted({r.kept_fraction for r in rows if not is_full_cache(r)})
+    # A peer writes its full cache once per protocol it runs: take this protocol's, else the
+    # question-agnostic one (kvevict's full cache is one, whatever the protocol).
+    full_protocol = {}
+    for system in {r.system for r in rows if is_full_cache(r)}:
+        protocols = {r.protocol for r in rows if r.system == system and is_full_cache(r)}
+        full_protocol[system] = protocol if protocol in protocols else (
+            "question_agnostic" if "question_agnostic" in protocols else min(protocols))
     groups: dict[tuple[str, str, float], list[SuiteRow]] = defaultdict(list)
     for row in rows:
-        if is_full_cache(row) and row.protocol != protocol and any(
-                r.system == row.system and is_full_cache(r) and r.protocol == protocol for r in rows):
-            continue  # a peer's full cache is written once per protocol: take this protocol's
+        if is_full_cache(row) and row.protocol != full_protocol[row.system]:
+            continue
         groups[(row.system, row.method, row.kept_fraction)].append(row)
     full = {(r.system, r.method) for r in rows if is_full_cache(r)}
     lines = ["| system | method | " + " | ".join(f"{f:.0%}" for f in fractions) + " | s/prompt |",
