@@ -35,7 +35,7 @@ import numpy as np
 from kvevict.evaluation.ruler import TASKS, make_record
 from kvevict.evaluation.ruler_fit import token_counter
 from kvevict.evaluation.ruler_records import read_prompts, write_prompts
-from kvevict.evaluation.suite_metric import score
+from kvevict.evaluation.suite_metric import cut_prediction, score
 
 RESULT_FIELDS = ("system", "method", "protocol", "kept_fraction", "id", "task", "length", "score", "prediction",
                  "seconds")
@@ -108,16 +108,6 @@ def generation_table(records: list[dict], tokenizer) -> str:
 
 
 # -- full cache -----------------------------------------------------------------------------------
-def cut_prediction(text: str) -> str:
-    """The generation up to its first newline after some text (the suite's stopping rule)."""
-    started = False
-    for i, char in enumerate(text):
-        if char == "\n" and started:
-            return text[:i]
-        started = started or not char.isspace()
-    return text
-
-
 class _NewlineAfterText:
     """A stopping criterion: stop once the generated text has a newline after some text."""
 

@@ -305,7 +305,7 @@ def test_generate_refuses_bad_arguments(capsys) -> None:
 
 
 def test_cut_prediction_stops_at_the_first_newline_after_text() -> None:
-    cut = load_script(SCRIPT).cut_prediction
+    from kvevict.evaluation.suite_metric import cut_prediction as cut
     assert cut("\n\n 1234567\nmore") == "\n\n 1234567"
     assert cut(" a b") == " a b" and cut("\n \n") == "\n \n"
 

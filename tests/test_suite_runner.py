@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvevict import wire
 from kvevict.evaluation.runner import EvictionConfig
+from kvevict.evaluation.suite_metric import cut_prediction
 from kvevict.evaluation.suite_runner import answer_prompt, encode
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.worker.manager_client import EmbeddedManagerClient
@@ -52,10 +53,7 @@ def test_full_cache_answers_what_transformers_greedy_generate_answers(checkpoint
         with torch.inference_mode():
             expected = plain.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                                       pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
-        text = tokenizer.decode(expected, skip_special_tokens=True)
-        cut = text.lstrip()
-        expected_text = text[: len(text) - len(cut) + cut.index("\n") + 1] if "\n" in cut else text
-        assert got.prediction == expected_text
+        assert got.prediction == cut_prediction(tokenizer.decode(expected, skip_special_tokens=True))
         assert got.kept_tokens == got.context_tokens == len(context)
 
 

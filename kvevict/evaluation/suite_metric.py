@@ -5,8 +5,8 @@
 * `any` (RULER's `string_match_part`): 1 if at least one answer is found, else 0.
 
 The prediction is stripped of surrounding whitespace, and the match ignores case, as RULER's
-does (it lowercases both the answer and the prediction). Cutting the generation at its first
-newline after some text is the runner's job, not the metric's. `bpb` records (bits per byte) are
+does (it lowercases both the answer and the prediction). Every runner cuts the generation at
+its first newline after some text with `cut_prediction` (the suite's stopping rule). `bpb` records (bits per byte) are
 scored by teacher forcing, so they have no string score.
 
     >>> score("The numbers are 1234567 and 7654321.", ["1234567", "7654321", "1111111"], "all")
@@ -20,6 +20,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 METRICS = ("all", "any")
+
+
+def cut_prediction(text: str) -> str:
+    """The generation up to its first newline after some text (the suite's stopping rule)."""
+    started = False
+    for i, char in enumerate(text):
+        if char == "\n" and started:
+            return text[:i]
+        started = started or not char.isspace()
+    return text
 
 
 def _found(prediction: str, answers: Sequence[str]) -> list[bool]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from kvevict.evaluation.runner import FULL_CACHE_BUDGET, EvictionConfig
+from kvevict.evaluation.suite_metric import cut_prediction
 from kvevict.worker.cache_session import CacheSession
 from kvevict.worker.manager_client import EmbeddedManagerClient, ManagerClient
 from kvevict.worker.prompts import eos_token_ids
@@ -67,26 +68,26 @@ def answer_prompt(model: torch.nn.Module, tokenizer, record: dict, config: Evict
         session.prefill(torch.tensor(context, dtype=torch.long))
         session.stop_evicting()
         logits = session.prefill(torch.tensor(question, dtype=torch.long)) if question else None
-        generated = _greedy(session, logits, record["max_new_tokens"], eos_token_ids(tokenizer, model), tokenizer)
+        text = _greedy(session, logits, record["max_new_tokens"], eos_token_ids(tokenizer, model), tokenizer)
     finally:
         session.close()
-    text = tokenizer.decode(generated, skip_special_tokens=True)
     return Answer(prediction=text, seconds=time.perf_counter() - started, context_tokens=len(context),
                   kept_tokens=kept)
 
 
 def _greedy(session: CacheSession, logits: torch.Tensor | None, max_new_tokens: int, eos: set[int],
-            tokenizer) -> list[int]:
-    """Greedy tokens until EOS, max_new_tokens, or a newline once some text was produced."""
+            tokenizer) -> str:
+    """Greedy text until EOS, max_new_tokens, or a newline once some text was produced (cut there)."""
     generated: list[int] = []
+    text = ""
     while logits is not None and len(generated) < max_new_tokens:
         token = int(torch.argmax(logits))
         if token in eos:
             break
         generated.append(token)
         text = tokenizer.decode(generated, skip_special_tokens=True)
-        if "\n" in text.lstrip():
+        if cut_prediction(text) != text:
             break
         if len(generated) < max_new_tokens:
             logits = session.decode(token)
-    return generated
+    return cut_prediction(text)
