@@ -13,7 +13,7 @@ from tests.test_manager_support import (
     assert_top_selection, open_request, reference_caote, reference_fast_caote, reference_max_pool, start,
 )
 
-BASES = ["h2o", "tova", "snapkv", "keydiff", "streaming", "random", "valuenorm"]
+BASES = ["h2o", "tova", "tova-mean", "snapkv", "keydiff", "streaming", "random", "valuenorm"]
 WRAPPERS = ["none", "caote", "fastcaote"]
 BUDGET = 24
 SINK = 2
@@ -26,6 +26,7 @@ R = pb  # the references of value_dev_excluded
 BASE_STATISTICS = {
     "h2o": [(S.STATISTIC_ATTN_SUM, 0, 0, 0)],
     "tova": [(S.STATISTIC_ATTN_WINDOW, 1, 0, 0)],
+    "tova-mean": [(S.STATISTIC_ATTN_WINDOW, 1, 0, 0)],
     "snapkv": [(S.STATISTIC_ATTN_WINDOW, 4, 0, 0)],
     "keydiff": [(S.STATISTIC_KEY_COSINE, 0, 0, 0)],
     "streaming": [],
@@ -37,6 +38,7 @@ EXCLUDED = S.STATISTIC_VALUE_DEV_EXCLUDED
 CAOTE_REFERENCE = {
     "h2o": (EXCLUDED, 0, R.REFERENCE_ACCUMULATED_ATTENTION, 0),
     "tova": (EXCLUDED, 1, R.REFERENCE_WINDOW_ATTENTION, 1),
+    "tova-mean": (EXCLUDED, 1, R.REFERENCE_WINDOW_ATTENTION, 1),
     "snapkv": (EXCLUDED, 4, R.REFERENCE_WINDOW_ATTENTION, 3),
     "keydiff": (EXCLUDED, 0, R.REFERENCE_KEY_DISSIMILARITY, 0),
     "streaming": (EXCLUDED, 0, R.REFERENCE_POSITION, 0),
@@ -61,6 +63,9 @@ def expected_scores(base, wrapper, stats, accumulated, positions, sequence, laye
         attention = score
     elif base == "tova":
         score = attention = stats[(S.STATISTIC_ATTN_WINDOW, 1, 0, 0)]
+    elif base == "tova-mean":  # every KV head ranks by the layer's mean over heads
+        window = stats[(S.STATISTIC_ATTN_WINDOW, 1, 0, 0)]
+        score = attention = np.repeat(window.mean(axis=0, keepdims=True), window.shape[0], axis=0)
     elif base == "snapkv":
         score = attention = reference_max_pool(stats[(S.STATISTIC_ATTN_WINDOW, 4, 0, 0)], 3)
     elif base == "keydiff":

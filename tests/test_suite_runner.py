@@ -12,10 +12,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvevict import wire
-from kvevict.evaluation.runner import EvictionConfig
+from kvevict.evaluation.runner import FULL_CACHE, FULL_CACHE_BUDGET, EvictionConfig
 from kvevict.evaluation.suite_metric import cut_prediction
 from kvevict.evaluation.suite_runner import answer_prompt, encode
 from kvevict.v1 import cache_manager_pb2 as pb
+from kvevict.worker.cache_session import CacheSession
 from kvevict.worker.manager_client import EmbeddedManagerClient
 from kvevict.worker.model_loader import load_model
 from tests.checkpoints import save_tiny_checkpoint
@@ -43,9 +44,12 @@ class RecordingManager(EmbeddedManagerClient):
         return response
 
 
-def test_full_cache_answers_what_transformers_greedy_generate_answers(checkpoint) -> None:
-    model, tokenizer = load_model(str(checkpoint))
-    plain = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_full_cache_answers_what_transformers_greedy_generate_answers(checkpoint, dtype: str) -> None:
+    # bfloat16: 16-token blocks would round differently from transformers' one pass and part
+    # greedy paths; the full cache is one forward of the whole prompt, as transformers runs it.
+    model, tokenizer = load_model(str(checkpoint), dtype=dtype)
+    plain = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).eval()
     for record in RECORDS:
         got = answer_prompt(model, tokenizer, record, None, block_size=16)
         context, question = encode(tokenizer, record)
@@ -140,3 +144,40 @@ def test_the_suite_benchmark_runs_resumes_and_tables_both_systems(checkpoint, tm
     assert f"| caote+tova - tova | {100 * diff:+.1f} ± " in text
     assert suite.main(["run", "--model", str(checkpoint), "--prompts", str(prompts), "--out", str(out),
                        "--methods", "tova+caote"]) == 2
+
+
+def test_a_cache_that_evicts_nothing_gives_transformers_logits_bit_for_bit_in_bfloat16(checkpoint) -> None:
+    model, tokenizer = load_model(str(checkpoint), dtype="bfloat16")
+    plain = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
+    context, question = encode(tokenizer, RECORDS[0])
+    ids = context + question
+    session = CacheSession(model, EmbeddedManagerClient(), FULL_CACHE.settings(FULL_CACHE_BUDGET, len(ids)))
+    try:
+        got = [session.prefill(torch.tensor(ids))]
+        with torch.inference_mode():
+            out = plain(torch.tensor([ids]), use_cache=True)
+            expected, cache = [out.logits[0, -1]], out.past_key_values
+            for _ in range(4):
+                token = int(torch.argmax(expected[-1]))
+                got.append(session.decode(token))
+                out = plain(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+                expected.append(out.logits[0, -1])
+    finally:
+        session.close()
+    for step, (mine, theirs) in enumerate(zip(got, expected)):
+        assert torch.equal(mine, theirs), f"step {step}: max difference {(mine - theirs).abs().max()}"
+
+
+def test_the_full_cache_is_one_forward_of_the_whole_prompt(checkpoint, monkeypatch) -> None:
+    model, tokenizer = load_model(str(checkpoint))
+    blocks: list[int] = []
+    forward = CacheSession._forward
+
+    def spy(self, chunk, *args, **kwargs):
+        blocks.append(chunk.numel())
+        return forward(self, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(CacheSession, "_forward", spy)
+    answer_prompt(model, tokenizer, RECORDS[0], None, block_size=16)
+    context, question = encode(tokenizer, RECORDS[0])
+    assert blocks[0] == len(context) + len(question) and set(blocks[1:]) <= {1}

@@ -58,16 +58,21 @@ def answer_prompt(model: torch.nn.Module, tokenizer, record: dict, config: Evict
     context, question = encode(tokenizer, record)
     kept = len(context) if config is None else max(1, round(kept_fraction * len(context)))
     budget = FULL_CACHE_BUDGET if config is None else kept
-    block = len(context) if protocol == "one_shot" else block_size
+    # The full cache evicts nothing, so blocks would bound nothing: one forward of the whole
+    # prompt, as transformers runs it (bit-identical logits; 128-token blocks differ in bfloat16).
+    block = len(context) + len(question) if config is None else len(context) if protocol == "one_shot" else block_size
     settings = (config or EvictionConfig(base="streaming")).settings(budget, block)
     started = time.perf_counter()
     session = CacheSession(model, manager or EmbeddedManagerClient(), settings)
     try:
-        if protocol == "question_aware":
-            session.observe_queries_of(torch.tensor(question, dtype=torch.long), first_position=len(context))
-        session.prefill(torch.tensor(context, dtype=torch.long))
-        session.stop_evicting()
-        logits = session.prefill(torch.tensor(question, dtype=torch.long)) if question else None
+        if config is None:
+            logits = session.prefill(torch.tensor(context + question, dtype=torch.long))
+        else:
+            if protocol == "question_aware":
+                session.observe_queries_of(torch.tensor(question, dtype=torch.long), first_position=len(context))
+            session.prefill(torch.tensor(context, dtype=torch.long))
+            session.stop_evicting()
+            logits = session.prefill(torch.tensor(question, dtype=torch.long)) if question else None
         text = _greedy(session, logits, record["max_new_tokens"], eos_token_ids(tokenizer, model), tokenizer)
     finally:
         session.close()

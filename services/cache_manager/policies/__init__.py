@@ -10,10 +10,11 @@ from kvevict.cache_manager.policies.random import Random
 from kvevict.cache_manager.policies.snapkv import SnapKV, max_pool
 from kvevict.cache_manager.policies.streaming import Streaming
 from kvevict.cache_manager.policies.tova import TOVA
+from kvevict.cache_manager.policies.tova_mean import TOVAMean
 from kvevict.cache_manager.policies.valuenorm import ValueNorm
 
 BASE_POLICIES: dict[str, type[BasePolicy]] = {
-    cls.name: cls for cls in (H2O, TOVA, SnapKV, KeyDiff, Streaming, Random, ValueNorm)
+    cls.name: cls for cls in (H2O, TOVA, TOVAMean, SnapKV, KeyDiff, Streaming, Random, ValueNorm)
 }
 
 
@@ -28,5 +29,5 @@ def make_base(name: str, *, window: int = 0, pool_kernel: int = 0, seed: int = 0
 
 __all__ = [
     "BASE_POLICIES", "BasePolicy", "H2O", "KeyDiff", "LayerContext", "Random", "SnapKV", "Streaming",
-    "TOVA", "ValueNorm", "make_base", "max_pool",
+    "TOVA", "TOVAMean", "ValueNorm", "make_base", "max_pool",
 ]

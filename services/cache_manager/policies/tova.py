@@ -13,6 +13,11 @@ from kvevict.v1 import cache_manager_pb2 as pb
 _LAST_QUERY = StatisticRequirement(ATTN_WINDOW, 1)
 
 
+def last_query_attention(ctx: LayerContext) -> np.ndarray:
+    """(kv_heads, tokens): the attention of the last query of the report, per KV head."""
+    return ctx.statistics[_LAST_QUERY]
+
+
 @dataclass(frozen=True)
 class TOVA(BasePolicy):
     name = "tova"
@@ -22,7 +27,7 @@ class TOVA(BasePolicy):
         return (_LAST_QUERY,)
 
     def score(self, ctx: LayerContext) -> np.ndarray:
-        return ctx.statistics[_LAST_QUERY]
+        return last_query_attention(ctx)
 
     def caote_reference(self) -> StatisticRequirement:
         # Same single query: CAOTE is then exactly the output change of evicting each token.
