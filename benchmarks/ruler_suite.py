@@ -6,7 +6,11 @@ records and tokens each task x length got. The same arguments give the same byte
 CPython, whose manual and standard library are the text).
 
     .venv/bin/python benchmarks/ruler_suite.py generate --model ~/.cache/kvevict/models/smollm2-135m-instruct \\
-        --lengths 1024 2048 4096 --n 24 --seed 0 --out suite.jsonl
+        --lengths 1024 2048 4096 --n 8 --seeds 0 1 2 --out suite.jsonl
+
+With several seeds each draws `--n` records per task and length; their indices run on from seed
+to seed (seed 0 gets 0..n-1, the next n..2n-1), so ids stay unique and a seed's records are
+those a file of that seed alone would hold at those indices.
 
 `full-cache` answers every record with plain `transformers` (`model.generate`, greedy, the whole
 cache; no kvevict), so a suite's tasks can be told apart into those the model can do and those it
@@ -50,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help=f"tasks (default all: {' '.join(TASKS)})")
     gen.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096], help="prompt lengths in tokens")
     gen.add_argument("--n", type=int, default=24, help="records per task and length")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seeds", type=int, nargs="+", default=[0], help="generator seeds, --n records each")
     gen.add_argument("--out", required=True, help="the prompt file to write (.jsonl)")
     full = commands.add_parser("full-cache", help="answer a prompt file with transformers and the full cache")
     full.add_argument("--model", required=True)
@@ -67,8 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--n: at least 1 record per task and length, got {args.n}")
         if min(args.lengths) < 1:
             parser.error(f"--lengths: lengths are positive token counts, got {args.lengths}")
-        if args.seed < 0:
-            parser.error(f"--seed: a non-negative integer, got {args.seed}")
+        if min(args.seeds) < 0 or len(set(args.seeds)) < len(args.seeds):
+            parser.error(f"--seeds: distinct non-negative integers, got {args.seeds}")
         if not args.out.endswith(".jsonl"):
             parser.error(f"--out: the prompt file is JSONL, name it *.jsonl (got {args.out})")
     return args
@@ -82,10 +86,10 @@ def load_tokenizer(model: str):
 
 
 # -- generate -------------------------------------------------------------------------------------
-def generate(tokenizer, tasks: list[str], lengths: list[int], n: int, seed: int) -> list[dict]:
-    """Every record, task by task, length by length, index by index."""
-    return [make_record(task, tokenizer, length, index, seed) for task in tasks for length in lengths
-            for index in range(n)]
+def generate(tokenizer, tasks: list[str], lengths: list[int], n: int, seeds: list[int]) -> list[dict]:
+    """Every record, task by task, length by length, seed by seed (n indices each, running on)."""
+    return [make_record(task, tokenizer, length, draw * n + index, seed) for task in tasks for length in lengths
+            for draw, seed in enumerate(seeds) for index in range(n)]
 
 
 def generation_table(records: list[dict], tokenizer) -> str:
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(args.model)
         started = time.perf_counter()
         try:
-            records = generate(tokenizer, args.tasks, args.lengths, args.n, args.seed)
+            records = generate(tokenizer, args.tasks, args.lengths, args.n, args.seeds)
         except ValueError as error:  # a task that cannot reach a length with this tokenizer
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -53,7 +53,7 @@ def _tokens(tokenizer, record: dict) -> int:
 # -- determinism ------------------------------------------------------------------------------------
 def _generate(out: Path, hash_seed: str, n: int = 2) -> bytes:
     command = [sys.executable, str(SCRIPT), "generate", "--model", str(DEMO), "--lengths", "1024", "--n", str(n),
-               "--seed", "3", "--out", str(out)]
+               "--seeds", "3", "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env={**os.environ, "PYTHONHASHSEED": hash_seed, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -71,8 +71,8 @@ def test_the_same_arguments_write_the_same_bytes(tmp_path) -> None:
 
 def test_a_record_does_not_change_when_others_are_added(demo_tokenizer) -> None:
     generate = load_script(SCRIPT).generate
-    few = generate(demo_tokenizer, ["niah_single_number_prose", "variable_tracking"], [1024], 2, seed=5)
-    more = generate(demo_tokenizer, list(TASKS), [1024, 2048], 3, seed=5)
+    few = generate(demo_tokenizer, ["niah_single_number_prose", "variable_tracking"], [1024], 2, seeds=[5])
+    more = generate(demo_tokenizer, list(TASKS), [1024, 2048], 3, seeds=[5])
     by_id = {r["id"]: r for r in more}
     assert few and all(by_id[r["id"]] == r for r in few)
     # Each (seed, task, length, index) has its own draws: the seed, the task, the length and the
@@ -82,6 +82,15 @@ def test_a_record_does_not_change_when_others_are_added(demo_tokenizer) -> None:
     assert base != by_id["niah_single_number_prose/1024/0000"]["answers"]
     assert base != by_id["niah_single_number_noise/2048/0000"]["answers"]
     assert base != by_id["niah_single_number_noise/1024/0001"]["answers"]
+
+
+def test_several_seeds_run_the_indices_on_and_keep_each_seeds_records(demo_tokenizer) -> None:
+    generate = load_script(SCRIPT).generate
+    both = generate(demo_tokenizer, ["niah_multikey_1"], [1024], 2, seeds=[4, 9])
+    assert [(r["id"], r["seed"]) for r in both] == [(f"niah_multikey_1/1024/{i:04d}", s)
+                                                   for i, s in ((0, 4), (1, 4), (2, 9), (3, 9))]
+    assert both[:2] == generate(demo_tokenizer, ["niah_multikey_1"], [1024], 2, seeds=[4])
+    assert both[2] == make_record("niah_multikey_1", demo_tokenizer, 1024, 2, seed=9)
 
 
 # -- lengths ------------------------------------------------------------------------------------------
