@@ -1,16 +1,18 @@
 """The real-model suite: every method at every kept fraction and protocol on a prompt file,
 through the worker's code path, and the tables side by side with kvpress.
 
-    # the prompts (benchmarks/ruler_suite.py writes them from a seed), then kvevict's rows
+    # the whole grid (kvevict.evaluation.suite_grid): prompts, kvevict in 2 processes, kvpress
+    # (if benchmarks/peers/kvpress/setup.sh built its environment) and transformers' full cache
+    # side by side, one progress bar; then OUT/suite.md and OUT/suite_*.png. Resumable.
+    .venv/bin/python benchmarks/suite.py grid --out benchmarks/results/suite      # --full, --device cuda
+
+    # or step by step: the prompts, kvevict's rows, kvpress's rows, the tables
     .venv/bin/python benchmarks/ruler_suite.py generate --model smollm2-135m-instruct --out suite.jsonl
     .venv/bin/python benchmarks/suite.py run --model smollm2-135m-instruct --prompts suite.jsonl \\
-        --out benchmarks/results/suite/results.csv
-    # kvpress's rows on the same prompts and kept fractions, in its own environment
-    benchmarks/peers/kvpress/setup.sh
+        --out results.csv                                   # --grid --shard 0/2: half the grid's plan
     benchmarks/peers/kvpress/.venv/bin/python benchmarks/peers/kvpress/run.py --model DIR \\
-        --prompts suite.jsonl --out benchmarks/results/suite/kvpress.csv
-    # one table per protocol, both systems
-    .venv/bin/python benchmarks/suite.py table benchmarks/results/suite/*.csv --out benchmarks/results/suite/suite.md
+        --prompts suite.jsonl --out kvpress.csv
+    .venv/bin/python benchmarks/suite.py table results.csv --from-csv kvpress.csv --out suite.md --plots .
 
 A run appends to its CSV and skips what it holds (resumable); `--methods` takes the policy
 spelling (`snapkv`, `caote+snapkv`), `--allocators` adds allocators beyond uniform.
@@ -25,57 +27,89 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kvevict.evaluation.ruler_records import read_prompts
-from kvevict.evaluation.runner import EvictionConfig
+from kvevict.evaluation.ruler import make_record
+from kvevict.evaluation.ruler_records import read_prompts, write_prompts
 from kvevict.evaluation.suite_metric import score
-from kvevict.evaluation.suite_report import (FULL_CACHE, SuiteRow, append_rows, done_keys, is_full_cache,
-                                             markdown_full_cache, markdown_paired_effects, markdown_side_by_side,
-                                             read_rows)
+from kvevict.evaluation.suite_report import (FULL_CACHE, SuiteRow, append_rows, done_keys, full_cache_agreement,
+                                             is_full_cache, markdown_best_of_each, markdown_full_cache,
+                                             markdown_paired_effects, markdown_side_by_side, read_rows)
+from kvevict.evaluation.suite_grid import (BASES, FULL, HEADLINE, KEPT, Job, kvevict_jobs, method_config,
+                                          method_name, shard)
+from kvevict.evaluation.suite_plots import plot_suite
+from kvevict.evaluation.suite_processes import grid_processes, load_model_tokenizer, run_processes
 from kvevict.evaluation.suite_runner import PROTOCOLS, answer_prompt
 from kvevict.policy_names import format_policy, parse_policy
 from kvevict.worker.model_loader import load_model
 
-BASES = ("h2o", "tova", "snapkv", "keydiff", "streaming", "random")
 DEFAULT_METHODS = tuple(format_policy(b, w) for b in BASES for w in ("none", "caote", "fastcaote"))
-KEPT = (0.1, 0.2, 0.35, 0.5)
 
 
-def method_config(method: str, allocator: str) -> EvictionConfig:
-    base, wrapper = parse_policy(method, "--methods")
-    return EvictionConfig(base=base, wrapper=wrapper, allocator=allocator)
-
-
-def method_name(method: str, allocator: str) -> str:
-    return method if allocator == "uniform" else f"{method} ({allocator})"
+def planned_jobs(args: argparse.Namespace, prompts: list[dict]) -> list[tuple[Job, dict]]:
+    """(job, prompt) pairs, prompt by prompt (a run cut short holds every method of its prompts)."""
+    if args.grid:
+        per_prompt = kvevict_jobs(tuple(args.kept))
+    else:
+        per_prompt = [] if args.skip_full_cache else [Job(FULL_CACHE, None, "question_agnostic", 1.0)]
+        per_prompt += [Job(method_name(m, a), method_config(m, a), protocol, kept) for m in args.methods
+                       for a in args.allocators for protocol in args.protocols for kept in args.kept]
+    return shard([(job, r) for r in prompts for job in per_prompt], *args.shard)
 
 
 def run(args: argparse.Namespace) -> int:
     prompts = [r for r in read_prompts(args.prompts) if r["metric"] != "bpb"][: args.limit]
-    configs = [(method_name(m, a), method_config(m, a)) for m in args.methods for a in args.allocators]
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     done = done_keys(args.out)
-    jobs = [] if args.skip_full_cache else [(FULL_CACHE, None, "question_agnostic", 1.0, r) for r in prompts]
-    jobs += [(name, config, protocol, kept, r) for name, config in configs for protocol in args.protocols
-             for kept in args.kept for r in prompts]
-    jobs = [j for j in jobs if ("kvevict", j[0], j[2], j[3], j[4]["id"]) not in done]
+    jobs = [(job, r) for job, r in planned_jobs(args, prompts)
+            if ("kvevict", job.method, job.protocol, job.kept, r["id"]) not in done]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for name, config, protocol, kept, record in tqdm(jobs, desc="suite", disable=args.no_progress):
-        answer = answer_prompt(model, tokenizer, record, config, kept, protocol, args.block_size)
-        append_rows([SuiteRow("kvevict", name, protocol, kept, record["id"], record["task"], record["length"],
-                              score(answer.prediction, record["answers"], record["metric"]), answer.prediction,
-                              answer.seconds)], args.out)
+    for job, record in tqdm(jobs, desc="suite", disable=args.no_progress):
+        answer = answer_prompt(model, tokenizer, record, job.config, job.kept, job.protocol, args.block_size)
+        append_rows([SuiteRow("kvevict", job.method, job.protocol, job.kept, record["id"], record["task"],
+                              record["length"], score(answer.prediction, record["answers"], record["metric"]),
+                              answer.prediction, answer.seconds)], args.out)
     return 0
 
 
+def grid(args: argparse.Namespace) -> int:
+    """Prompts, kvevict's shards, kvpress and transformers' full cache as parallel processes, one
+    progress bar over all of them, then the tables and plots."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    prompts_path = args.prompts or args.out / "prompts.jsonl"
+    if not prompts_path.exists():
+        plan = FULL if args.full else HEADLINE
+        tokenizer = load_model_tokenizer(args.model)
+        # Seed by seed, then index: a run cut short (resumable) holds whole seeds of every task.
+        write_prompts([make_record(task, tokenizer, length, draw * plan.n + index, seed)
+                       for draw, seed in enumerate(plan.seeds) for index in range(plan.n)
+                       for task in plan.tasks for length in plan.lengths], prompts_path)
+    prompts = [r for r in read_prompts(prompts_path) if r["metric"] != "bpb"]
+    processes = grid_processes(args, prompts_path, len(prompts))
+    failed = run_processes(processes, args.out / "logs", disable=args.no_progress)
+    csvs = sorted(p for p in args.out.glob("*.csv") if p.stat().st_size)
+    if csvs:
+        table(argparse.Namespace(csv=csvs, from_csv=[], out=args.out / "suite.md", min_full_cache=args.min_full_cache,
+                                 plots=args.out, quiet=True))
+        print(f"grid: tables -> {args.out / 'suite.md'}; plots -> {args.out}/suite_*.png")
+    for process in failed:
+        print(f"grid: error: {process.name} exited non-zero; its log: {args.out / 'logs' / process.name}.log",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
 def table(args: argparse.Namespace) -> int:
-    rows = [row for path in args.csv for row in read_rows(path)]
+    rows = [row for path in [*args.csv, *args.from_csv] for row in read_rows(path)]
     protocols = [p for p in PROTOCOLS if any(r.protocol == p and not is_full_cache(r) for r in rows)]
-    sections = ["## Full cache per task\n\n" + markdown_full_cache(rows, args.min_full_cache)]
+    agreement = full_cache_agreement(rows)
+    sections = ["## Full cache per task\n\n" + markdown_full_cache(rows, args.min_full_cache)
+                + (f"\n\n{agreement}." if agreement else "")]
     for protocol in protocols:
         sections.append(f"## {protocol}\n\nscore (%), mean ± standard error over the prompts of the tasks the full "
                         f"cache answers >= {args.min_full_cache:.0%}\n\n"
                         + markdown_side_by_side(rows, protocol, args.min_full_cache))
+        if any(r.system == "kvpress" and r.protocol == protocol and not is_full_cache(r) for r in rows):
+            sections.append(f"### best of each system ({protocol})\n\n"
+                            + markdown_best_of_each(rows, protocol, args.min_full_cache))
         effects = markdown_paired_effects(rows, protocol, args.min_full_cache)
         if effects.count("\n") > 1:
             sections.append(f"### wrapper minus base ({protocol}, kvevict, paired by prompt)\n\npoints; `*`: "
@@ -83,8 +117,19 @@ def table(args: argparse.Namespace) -> int:
     text = "# Real-model suite\n\n" + "\n\n".join(sections) + "\n"
     if args.out:
         args.out.write_text(text)
-    print(text)
+    if args.plots:
+        for path in plot_suite(rows, args.plots, args.min_full_cache):
+            print(f"plot -> {path}", file=sys.stderr)
+    if not getattr(args, "quiet", False):
+        print(text)
     return 0
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"write I/N with 0 <= I < N, got {text!r}")
+    return int(index), int(count)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,16 +147,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     runner.add_argument("--limit", type=int, default=None, help="first N prompts only")
     runner.add_argument("--skip-full-cache", action="store_true",
                         help="no full-cache rows (another CSV of the same prompts has them)")
+    runner.add_argument("--grid", action="store_true",
+                        help="the grid's plan (kvevict.evaluation.suite_grid) instead of --methods/--protocols")
+    runner.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                        help="run only the I-th of N round-robin parts of the jobs (N processes, one CSV each)")
     runner.add_argument("--device", default="cpu")
     runner.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     runner.add_argument("--threads", type=int, default=1)
     runner.add_argument("--no-progress", action="store_true")
     tables = commands.add_parser("table", help="markdown tables of results CSVs (kvevict's and peers')")
-    tables.add_argument("csv", type=Path, nargs="+")
+    tables.add_argument("csv", type=Path, nargs="*")
+    tables.add_argument("--from-csv", type=Path, nargs="+", default=[], metavar="CSV",
+                        help="more results CSVs to merge (the same as listing them)")
     tables.add_argument("--out", type=Path)
+    tables.add_argument("--plots", type=Path, help="also write the plots (PNG) into this directory")
     tables.add_argument("--min-full-cache", type=float, default=0.5,
                         help="tasks the full cache scores below this stay out of the averages")
+    grids = commands.add_parser("grid", help="the whole grid, both systems, in parallel processes")
+    grids.add_argument("--model", default="smollm2-135m-instruct", help="checkpoint directory or known name")
+    grids.add_argument("--out", type=Path, required=True, help="directory: prompts, CSVs, logs, tables, plots")
+    grids.add_argument("--full", action="store_true", help="4 prompts per task, seed and length at 1k, 2k and 4k")
+    grids.add_argument("--prompts", type=Path, help="a prompt file to run instead of the plan's (written to "
+                       "OUT/prompts.jsonl when absent)")
+    grids.add_argument("--kept", type=float, nargs="+", default=list(KEPT), help="kept fractions")
+    grids.add_argument("--jobs", type=int, default=2, help="kvevict processes (one torch thread each on CPU)")
+    grids.add_argument("--device", default="cpu", help="cpu or cuda (every process)")
+    grids.add_argument("--kvpress-venv", type=Path, default=Path(__file__).parent / "peers" / "kvpress" / ".venv",
+                       help="kvpress's environment (benchmarks/peers/kvpress/setup.sh); skipped when absent")
+    grids.add_argument("--min-full-cache", type=float, default=0.5,
+                       help="tasks the full cache scores below this stay out of the averages")
+    grids.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "table" and not args.csv and not args.from_csv:
+        parser.error("table: give at least one results CSV")
+    if args.command == "grid" and args.jobs < 1:
+        parser.error(f"--jobs: at least 1, got {args.jobs}")
     if args.command == "run":
         for method in args.methods:
             parse_policy(method, "--methods")  # a bad spelling fails before the model loads
@@ -123,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
-        return run(args) if args.command == "run" else table(args)
+        return {"run": run, "table": table, "grid": grid}[args.command](args)
     except ValueError as error:
         print(f"suite: error: {error}", file=sys.stderr)
         return 2

@@ -119,12 +119,12 @@ def _format(cell: Cell | None) -> str:
     return f"{100 * cell.mean:.1f} ± {100 * cell.stderr:.1f} (n={cell.n})"
 
 
-def markdown_side_by_side(rows: Sequence[SuiteRow], protocol: str, min_full_cache: float = 0.5) -> str:
-    """Rows: method of either system; columns: kept fraction; cells: mean ± standard error (n) in
-    %, over the prompts of the tasks the full cache does well on; and seconds per prompt."""
+def protocol_cells(rows: Sequence[SuiteRow], protocol: str,
+                   min_full_cache: float = 0.5) -> dict[tuple[str, str, float], Cell]:
+    """(system, method, kept fraction) -> Cell over the prompts of the included tasks under
+    `protocol`; full caches at kept fraction 1.0."""
     included = included_tasks(rows, min_full_cache)
     rows = [r for r in rows if (r.task, r.length) in included and (r.protocol == protocol or is_full_cache(r))]
-    fractions = sorted({r.kept_fraction for r in rows if not is_full_cache(r)})
     # A peer writes its full cache once per protocol it runs: take this protocol's, else the
     # question-agnostic one (kvevict's full cache is one, whatever the protocol).
     full_protocol = {}
@@ -137,29 +137,91 @@ def markdown_side_by_side(rows: Sequence[SuiteRow], protocol: str, min_full_cach
         if is_full_cache(row) and row.protocol != full_protocol[row.system]:
             continue
         groups[(row.system, row.method, row.kept_fraction)].append(row)
-    full = {(r.system, r.method) for r in rows if is_full_cache(r)}
+    return {key: _cell(group) for key, group in groups.items()}
+
+
+def markdown_side_by_side(rows: Sequence[SuiteRow], protocol: str, min_full_cache: float = 0.5) -> str:
+    """Rows: method of either system; columns: kept fraction; cells: mean ± standard error (n) in
+    %, over the prompts of the tasks the full cache does well on; and seconds per prompt."""
+    cells = protocol_cells(rows, protocol, min_full_cache)
+    if not cells:
+        return ""
+    fractions = sorted({k for _, _, k in cells if k < 1.0})
+    full = {(s, m) for s, m, k in cells if k >= 1.0}
     lines = ["| system | method | " + " | ".join(f"{f:.0%}" for f in fractions) + " | s/prompt |",
              "|---|---|" + "---|" * (len(fractions) + 1)]
-    for system, method in method_order(rows):
+    present = [r for r in rows if (r.system, r.method, r.kept_fraction) in cells]
+    for system, method in method_order(present):
         if (system, method) in full:
-            cell = _cell(groups[(system, method, 1.0)])
-            cells = [_format(cell)] * len(fractions)
+            cell = cells[(system, method, 1.0)]
+            row_cells = [_format(cell)] * len(fractions)
             seconds = cell.seconds
         else:
-            found = [groups.get((system, method, f)) for f in fractions]
-            cells = [_format(_cell(g)) if g else "" for g in found]
-            measured = [g for g in found if g]
-            seconds = sum(_cell(g).seconds for g in measured) / len(measured) if measured else math.nan
-        lines.append(f"| {system} | {method} | " + " | ".join(cells) + f" | {seconds:.2f} |")
+            found = [cells.get((system, method, f)) for f in fractions]
+            row_cells = [_format(c) for c in found]
+            measured = [c for c in found if c]
+            seconds = sum(c.seconds for c in measured) / len(measured) if measured else math.nan
+        lines.append(f"| {system} | {method} | " + " | ".join(row_cells) + f" | {seconds:.2f} |")
     return "\n".join(lines)
+
+
+def markdown_best_of_each(rows: Sequence[SuiteRow], protocol: str, min_full_cache: float = 0.5,
+                          system: str = "kvevict", peer: str = "kvpress") -> str:
+    """Per kept fraction: each system's best method (highest mean), and the best minus the peer's
+    best paired by prompt (the prompts both answered), in points. Picking the best of many
+    favours each system alike; the paired standard error is the noise of the difference."""
+    cells = protocol_cells(rows, protocol, min_full_cache)
+    included = included_tasks(rows, min_full_cache)
+    scores = {(r.system, r.method, r.kept_fraction, r.id): r.score for r in rows
+              if r.protocol == protocol and (r.task, r.length) in included and not is_full_cache(r)}
+    fractions = sorted({k for s, _, k in cells if k < 1.0 and s == system} & {k for s, _, k in cells if s == peer})
+    lines = [f"| kept | {system} best | {peer} best | difference, paired |", "|---|---|---|---|"]
+    for fraction in fractions:
+        best = {}
+        for name in (system, peer):
+            candidates = [(c.mean, m) for (s, m, k), c in cells.items() if s == name and k == fraction]
+            best[name] = max(candidates)[1]
+        ours = {i: v for (s, m, k, i), v in scores.items() if s == system and m == best[system] and k == fraction}
+        theirs = {i: v for (s, m, k, i), v in scores.items() if s == peer and m == best[peer] and k == fraction}
+        diffs = [ours[i] - theirs[i] for i in ours if i in theirs]
+        n = len(diffs)
+        mean = sum(diffs) / n if n else math.nan
+        se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else 0.0
+        star = "*" if se > 0 and abs(mean) > 2 * se else ""
+        lines.append(f"| {fraction:.0%} | {best[system]}: {_format(cells[(system, best[system], fraction)])} | "
+                     f"{best[peer]}: {_format(cells[(peer, best[peer], fraction)])} | "
+                     f"{100 * mean:+.1f} ± {100 * se:.1f}{star} (n={n}) |")
+    return "\n".join(lines)
+
+
+def full_cache_agreement(rows: Sequence[SuiteRow], system: str = "kvevict", reference: str = "transformers") -> str:
+    """How many prompts `system`'s full cache answers with exactly `reference`'s prediction."""
+    ours = {r.id: r.prediction for r in rows if r.system == system and is_full_cache(r)}
+    theirs = {r.id: r.prediction for r in rows if r.system == reference and is_full_cache(r)}
+    common = sorted(set(ours) & set(theirs))
+    if not common:
+        return ""
+    differ = [i for i in common if ours[i] != theirs[i]]
+    text = (f"{system}'s full cache predicts exactly what {reference} predicts on {len(common) - len(differ)} "
+            f"of {len(common)} prompts")
+    return text + (f"; differs on {', '.join(differ)}" if differ else "")
 
 
 def markdown_full_cache(rows: Sequence[SuiteRow], min_full_cache: float = 0.5) -> str:
-    """The full cache's score per task and length, and whether the task enters the averages."""
-    lines = ["| task | length | full cache | in averages |", "|---|---|---|---|"]
-    for (task, length), cell in sorted(full_cache_accuracy(rows).items()):
-        lines.append(f"| {task} | {length} | {_format(cell)} | {'yes' if cell.mean >= min_full_cache else 'no'} |")
-    return "\n".join(lines)
+    """The full cache's score per task (rows) and length (columns); `*` marks the (task, length)
+    cells below `min_full_cache`, which stay out of the averages."""
+    cells = full_cache_accuracy(rows)
+    lengths = sorted({length for _, length in cells})
+    tasks = sorted({task for task, _ in cells})
+    lines = ["| task | " + " | ".join(f"{length} tokens" for length in lengths) + " |",
+             "|---|" + "---|" * len(lengths)]
+    for task in tasks:
+        row = []
+        for length in lengths:
+            cell = cells.get((task, length))
+            row.append("" if cell is None else _format(cell) + (" *" if cell.mean < min_full_cache else ""))
+        lines.append(f"| {task} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + f"\n\n`*`: below {min_full_cache:.0%}, shown but left out of the averages"
 
 
 def markdown_paired_effects(rows: Sequence[SuiteRow], protocol: str, min_full_cache: float = 0.5,

@@ -1,0 +1,91 @@
+"""What the real-model suite's grid measures: which methods run under which protocol, on which
+prompts, for kvevict and for kvpress, and in what order (benchmarks/suite.py `grid` runs it).
+
+The headline grid (1k-token prompts, one prompt per task and seed, three seeds) was sized from
+measured costs on 2 CPU cores, one torch thread per process: SmolLM2-135M in bfloat16 answers a
+1k-token prompt in 1.8 s through kvevict's worker path (block-wise prefill with statistics, 4-25
+decoded tokens) and about 2 s through kvpress. kvevict's plan is 153 configurations per prompt,
+kvpress's 62 (KVzip reconstructs the context: about 3 prompts' worth), so a prompt costs about
+7 core-minutes and 36 prompts (6 tasks x 3 seeds x 2) fill the 2 hours of 2 cores. The prompt
+file is written seed by seed, so a run cut short holds whole seeds.
+`--full` runs 4 prompts per task, seed and length at 1k, 2k and 4k tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvevict.evaluation.runner import EvictionConfig
+from kvevict.policy_names import format_policy, parse_policy
+
+KEPT = (0.1, 0.2, 0.35, 0.5)
+BASES = ("h2o", "tova", "tova-mean", "snapkv", "keydiff", "streaming", "random")
+WRAPPERS = ("none", "caote", "fastcaote")
+# The three best configurations of the question-agnostic suite before this grid (n=15, 20% and
+# 50% kept): they get the non-uniform allocators (adaptive ranks CAOTE-family errors only).
+BEST = ("caote+keydiff", "fastcaote+keydiff", "keydiff")
+ALLOCATOR_RUNS = tuple((m, a) for m in BEST for a in ("pyramid", "adaptive") if not (a == "adaptive" and "+" not in m))
+# Question-aware: the window scorers (whose observation window the question's queries become)
+# and the best configurations; one-shot: TOVA both ways (kvpress's TOVA gap) and the best.
+AWARE = ("snapkv", "caote+snapkv", "tova", "keydiff", "caote+keydiff", "fastcaote+keydiff")
+ONE_SHOT = ("tova", "tova-mean", "snapkv", "keydiff", "caote+keydiff", "fastcaote+keydiff")
+
+KVPRESS = {
+    "question_agnostic": ("Random", "StreamingLLM", "TOVA", "SnapKV", "ObservedAttention", "KeyDiff",
+                          "ExpectedAttention", "CriticalKV(SnapKV)", "AdaKV(SnapKV)", "KVzip"),
+    "question_aware": ("TOVA", "SnapKV", "KeyDiff", "CriticalKV(SnapKV)", "AdaKV(SnapKV)"),
+}
+
+# Tasks SmolLM2-135M-Instruct answers >= 50% with the full cache at 1k tokens (measured with
+# plain transformers, benchmarks/results/suite/full_cache.md); the others are shown there only.
+HEADLINE_TASKS = ("niah_single_number_noise", "niah_single_number_prose", "niah_single_uuid_noise",
+                  "niah_single_uuid_prose", "niah_multikey_1", "niah_multivalue")
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    tasks: tuple[str, ...]
+    lengths: tuple[int, ...]
+    n: int  # prompts per task, length and seed
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+HEADLINE = PromptPlan(HEADLINE_TASKS, (1024,), 2)
+FULL = PromptPlan(HEADLINE_TASKS, (1024, 2048, 4096), 4)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One kvevict measurement: a method (None: the full cache) under a protocol at a kept fraction."""
+
+    method: str  # the policy spelling, with " (allocator)" when not uniform; "full cache"
+    config: EvictionConfig | None
+    protocol: str
+    kept: float
+
+
+def method_name(method: str, allocator: str) -> str:
+    return method if allocator == "uniform" else f"{method} ({allocator})"
+
+
+def method_config(method: str, allocator: str = "uniform") -> EvictionConfig:
+    base, wrapper = parse_policy(method, "--methods")
+    return EvictionConfig(base=base, wrapper=wrapper, allocator=allocator)
+
+
+def kvevict_jobs(kept: tuple[float, ...] = KEPT) -> list[Job]:
+    """Every kvevict configuration of the grid for one prompt, the full cache first."""
+    runs = [(format_policy(b, w), "uniform", "question_agnostic") for b in BASES for w in WRAPPERS]
+    runs += [(m, a, "question_agnostic") for m, a in ALLOCATOR_RUNS]
+    runs += [(m, "uniform", "question_aware") for m in AWARE]
+    runs += [(m, "uniform", "one_shot") for m in ONE_SHOT]
+    jobs = [Job("full cache", None, "question_agnostic", 1.0)]
+    jobs += [Job(method_name(m, a), method_config(m, a), p, k) for m, a, p in runs for k in kept]
+    return jobs
+
+
+def shard(items: list, index: int, count: int) -> list:
+    """The items of shard `index` of `count` (round robin, so every shard gets every kind)."""
+    if not 0 <= index < count:
+        raise ValueError(f"--shard: index {index} is not in 0..{count - 1}")
+    return items[index::count]
