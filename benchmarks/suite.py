@@ -79,9 +79,10 @@ def grid(args: argparse.Namespace) -> int:
     if not prompts_path.exists():
         plan = FULL if args.full else HEADLINE
         tokenizer = load_model_tokenizer(args.model)
-        # Seed by seed, then index: a run cut short (resumable) holds whole seeds of every task.
+        # A round of every seed and task, then the next: a run cut short (resumable) holds every
+        # seed and task alike.
         write_prompts([make_record(task, tokenizer, length, draw * plan.n + index, seed)
-                       for draw, seed in enumerate(plan.seeds) for index in range(plan.n)
+                       for index in range(plan.n) for draw, seed in enumerate(plan.seeds)
                        for task in plan.tasks for length in plan.lengths], prompts_path)
     prompts = [r for r in read_prompts(prompts_path) if r["metric"] != "bpb"]
     processes = grid_processes(args, prompts_path, len(prompts))

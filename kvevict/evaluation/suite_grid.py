@@ -7,7 +7,8 @@ measured costs on 2 CPU cores, one torch thread per process: SmolLM2-135M in bfl
 decoded tokens) and about 2 s through kvpress. kvevict's plan is 153 configurations per prompt,
 kvpress's 62 (KVzip reconstructs the context: about 3 prompts' worth), so a prompt costs about
 7 core-minutes and 36 prompts (6 tasks x 3 seeds x 2) fill the 2 hours of 2 cores. The prompt
-file is written seed by seed, so a run cut short holds whole seeds.
+file is written in rounds (each round one prompt per task and seed), so a run cut short holds
+every seed and task alike.
 `--full` runs 4 prompts per task, seed and length at 1k, 2k and 4k tokens.
 """
 

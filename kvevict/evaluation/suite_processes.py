@@ -61,8 +61,9 @@ def grid_processes(args: argparse.Namespace, prompts: Path, count: int) -> list[
     if python.exists():
         csv = args.out / "kvpress.csv"
         kept = ",".join(str(k) for k in args.kept)
-        # The first seed's prompts in both protocols first, so a run cut short is comparable.
-        first = str(count // 3) if count >= 3 else None
+        # The first half of the prompts (the grid's first round: every seed and task) in both
+        # protocols first, so that a run cut short compares like with like.
+        first = str(count // 2) if count >= 2 else None
         commands = [[str(python), str(KVPRESS_RUN), *common, "--protocol", protocol, "--methods", ",".join(methods),
                      "--kept", kept, "--out", str(csv), *threads, *limit]
                     for limit in ([["--limit", first]] if first else []) + [[]]
