@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = [r for r in read_prompts(args.prompts) if r["metric"] != "bpb"][: args.limit]
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    done = done_keys(args.out)
+    done = set().union(*(done_keys(path) for path in [args.out, *args.done_from]))
     jobs = [(job, r) for job, r in planned_jobs(args, prompts)
             if ("kvevict", job.method, job.protocol, job.kept, r["id"]) not in done]
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the grid's plan (kvevict.evaluation.suite_grid) instead of --methods/--protocols")
     runner.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                         help="run only the I-th of N round-robin parts of the jobs (N processes, one CSV each)")
+    runner.add_argument("--done-from", type=Path, nargs="+", default=[], metavar="CSV",
+                        help="skip the rows these results CSVs hold too (other shards, earlier runs)")
     runner.add_argument("--device", default="cpu")
     runner.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     runner.add_argument("--threads", type=int, default=1)

@@ -48,12 +48,15 @@ def grid_processes(args: argparse.Namespace, prompts: Path, count: int) -> list[
     per_prompt = len(kvevict_jobs(tuple(args.kept)))
     kept_flags = ["--kept", *(str(k) for k in args.kept)]
     out = []
+    # Every kvevict CSV of the directory counts as done, so a rerun with another --jobs resumes too.
+    earlier = sorted(str(p) for p in args.out.glob("kvevict-*.csv"))
+    done_from = ["--done-from", *earlier] if earlier else []
     for index in range(args.jobs):
         csv = args.out / f"kvevict-{index}.csv"
         rows = len(range(index, per_prompt * count, args.jobs))
         out.append(GridProcess(f"kvevict-{index}", [[sys.executable, str(SUITE), "run", "--grid", "--shard",
                                                     f"{index}/{args.jobs}", "--out", str(csv), "--no-progress",
-                                                    *kept_flags, *common, *threads]], csv, rows))
+                                                    *kept_flags, *common, *threads, *done_from]], csv, rows))
     csv = args.out / "transformers.csv"
     out.append(GridProcess("transformers", [[sys.executable, str(RULER_SUITE), "full-cache", *common, "--out",
                                              str(csv), *threads]], csv, count))

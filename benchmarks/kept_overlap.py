@@ -1,0 +1,142 @@
+"""Do kvevict's policies keep the tokens kvpress's presses keep? Per pair (kvevict policy, kvpress
+press), one-shot eviction of the same contexts at the same kept fractions, the fraction of the
+press's kept tokens that kvevict keeps too, per layer and KV head, averaged (min over prompts).
+
+    benchmarks/peers/kvpress/setup.sh          # once
+    .venv/bin/python benchmarks/kept_overlap.py --model smollm2-135m-instruct --prompts suite.jsonl \\
+        --limit 6 --kept 0.2 0.5
+
+kvevict runs `answer_prompt(..., protocol="one_shot")` and records the manager's keep masks;
+kvpress runs `benchmarks/peers/kvpress/kept_tokens.py` in its own environment on the same prompt
+file. Both see the context alone, the same tokens (a context tokenized alone: the runners agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from kvevict import wire
+from kvevict.evaluation.ruler_records import read_prompts
+from kvevict.evaluation.suite_runner import answer_prompt
+from kvevict.evaluation.suite_grid import method_config
+from kvevict.worker.manager_client import EmbeddedManagerClient
+
+ROOT = Path(__file__).resolve().parent
+PAIRS = (("tova", "TOVAPress"), ("tova-mean", "TOVAPress"), ("snapkv", "SnapKVPress"), ("keydiff", "KeyDiffPress"),
+         ("streaming", "StreamingLLMPress"))
+
+
+class _KeepRecorder(EmbeddedManagerClient):
+    """The embedded manager, keeping each report's keep masks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.masks: list[dict[int, np.ndarray]] = []
+
+    def report_block(self, request):
+        response = super().report_block(request)
+        self.masks.append({k.layer: np.asarray(wire.decode_bits(k.keep, "keep"), dtype=bool) for k in response.keeps})
+        return response
+
+
+def kvevict_kept(model, tokenizer, records: list[dict], policies: list[str], kept: list[float]) -> dict[str, np.ndarray]:
+    """`policy|id|kept|layer` -> (KV heads, context tokens) booleans after one-shot eviction."""
+    out = {}
+    for record in records:
+        for policy in policies:
+            for fraction in kept:
+                recorder = _KeepRecorder()
+                answer_prompt(model, tokenizer, record, method_config(policy), fraction, "one_shot", manager=recorder)
+                if len(recorder.masks) != 1:
+                    raise RuntimeError(f"one-shot eviction made {len(recorder.masks)} reports, not 1")
+                for layer, mask in recorder.masks[0].items():
+                    out[f"{policy}|{record['id']}|{fraction}|{layer}"] = mask
+    return out
+
+
+def overlap(ours: np.ndarray, theirs: np.ndarray) -> float:
+    """Mean over KV heads of |ours & theirs| / |theirs| (the share of their kept tokens we keep)."""
+    if ours.shape != theirs.shape:
+        raise ValueError(f"masks of shapes {ours.shape} and {theirs.shape} cover different tokens")
+    return float(((ours & theirs).sum(axis=1) / np.maximum(theirs.sum(axis=1), 1)).mean())
+
+
+def overlap_table(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray], pairs, kept: list[float]) -> str:
+    """Markdown: per pair and kept fraction, the mean overlap over prompts and layers, and the
+    lowest prompt's mean; and whether the press keeps one token set per layer (all heads alike)."""
+    cells: dict[tuple[str, str, float], list[float]] = defaultdict(list)
+    shared: dict[str, list[bool]] = defaultdict(list)
+    for key, mask in theirs.items():
+        press, prompt, fraction, layer = key.split("|")
+        shared[press].append(bool((mask == mask[:1]).all()))
+        for policy, peer in pairs:
+            if peer == press and f"{policy}|{prompt}|{fraction}|{layer}" in ours:
+                cells[(policy, peer, float(fraction))].append((prompt, overlap(ours[f"{policy}|{prompt}|{fraction}|{layer}"], mask)))
+    lines = ["| kvevict | kvpress (one set per layer?) | " + " | ".join(f"{k:.0%} kept" for k in kept) + " |",
+             "|---|---|" + "---|" * len(kept)]
+    for policy, peer in pairs:
+        row = []
+        for fraction in kept:
+            values = cells.get((policy, peer, fraction))
+            if not values:
+                row.append("")
+                continue
+            by_prompt = defaultdict(list)
+            for prompt, value in values:
+                by_prompt[prompt].append(value)
+            lowest = min(np.mean(v) for v in by_prompt.values())
+            row.append(f"{100 * np.mean([v for _, v in values]):.1f}% (lowest prompt {100 * lowest:.1f}%)")
+        one_set = "yes" if shared.get(peer) and all(shared[peer]) else "no"
+        lines.append(f"| {policy} | {peer} ({one_set}) | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--prompts", required=True, type=Path)
+    parser.add_argument("--limit", type=int, default=6)
+    parser.add_argument("--kept", type=float, nargs="+", default=[0.2, 0.5])
+    parser.add_argument("--kvpress-venv", type=Path, default=ROOT / "peers" / "kvpress" / ".venv")
+    parser.add_argument("--out", type=Path, help="also write the table here")
+    args = parser.parse_args(argv)
+    import torch
+
+    from kvevict.worker.model_fetch import resolve_model
+    from kvevict.worker.model_loader import load_model
+
+    python = args.kvpress_venv / "bin" / "python"
+    if not python.exists():
+        print(f"kept_overlap: error: no kvpress environment at {args.kvpress_venv} "
+              "(benchmarks/peers/kvpress/setup.sh builds it)", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    path = resolve_model(args.model)
+    records = list(read_prompts(args.prompts))[: args.limit]
+    with tempfile.TemporaryDirectory() as scratch:
+        theirs_path = Path(scratch) / "kvpress_kept.npz"
+        presses = ",".join(dict.fromkeys(peer.removesuffix("Press") for _, peer in PAIRS))
+        subprocess.run([str(python), str(ROOT / "peers" / "kvpress" / "kept_tokens.py"), "--model", path,
+                        "--prompts", str(args.prompts), "--limit", str(args.limit), "--methods", presses,
+                        "--kept", ",".join(str(k) for k in args.kept), "--out", str(theirs_path)], check=True)
+        theirs = dict(np.load(theirs_path))
+    model, tokenizer = load_model(path, dtype="bfloat16")
+    ours = kvevict_kept(model, tokenizer, records, list(dict.fromkeys(p for p, _ in PAIRS)), args.kept)
+    table = overlap_table(ours, theirs, PAIRS, args.kept)
+    text = (f"Share of kvpress's kept tokens that kvevict keeps too (one-shot, {len(records)} prompts of "
+            f"{args.prompts.name}, every layer and KV head):\n\n{table}\n")
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
