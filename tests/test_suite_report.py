@@ -41,12 +41,18 @@ def test_cells_are_means_and_standard_errors_over_the_included_tasks_only() -> N
     assert "| kvevict | caote+keydiff | 75.0 ± 25.0 (n=4) |" in table
 
 
-def test_best_of_each_system_is_paired_by_prompt() -> None:
+def test_best_of_each_system_is_paired_by_prompt_on_the_prompts_every_method_answered() -> None:
     table = markdown_best_of_each(rows(), AGNOSTIC)
     line = next(line for line in table.splitlines() if line.startswith("| 20% |"))
     assert "caote+keydiff: 75.0" in line and "KeyDiffPress: 25.0" in line
     # differences by prompt: [0, 1, 1, 0] -> mean 0.5, standard error sqrt(1/3 / 4)
     assert f"+50.0 ± {100 * math.sqrt(1 / 3 / 4):.1f} (n=4)" in line
+    # A press measured on one prompt narrows the comparison to that prompt: every method is
+    # compared on the prompts all of them answered, never a mean over 1 against a mean over 4.
+    lucky = [row("kvpress", "LuckyPress", 0.2, 1, 1.0)]
+    line = next(line for line in markdown_best_of_each(rows() + lucky, AGNOSTIC).splitlines()
+                if line.startswith("| 20% |"))
+    assert "LuckyPress: 100.0" in line and "keydiff: 100.0 |" in line and "+0.0 ± 0.0 (n=1)" in line
 
 
 def test_wrapper_minus_base_counts_prompts_better_and_worse() -> None:

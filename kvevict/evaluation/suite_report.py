@@ -167,30 +167,35 @@ def markdown_side_by_side(rows: Sequence[SuiteRow], protocol: str, min_full_cach
 
 def markdown_best_of_each(rows: Sequence[SuiteRow], protocol: str, min_full_cache: float = 0.5,
                           system: str = "kvevict", peer: str = "kvpress") -> str:
-    """Per kept fraction: each system's best method (highest mean), and the best minus the peer's
-    best paired by prompt (the prompts both answered), in points. Picking the best of many
-    favours each system alike; the paired standard error is the noise of the difference."""
-    cells = protocol_cells(rows, protocol, min_full_cache)
+    """Per kept fraction, on the prompts every method of both systems answered there: each
+    system's best method (highest mean) and the best minus the peer's best paired by prompt, in
+    points. Picking the best of many favours each system alike; the paired standard error is the
+    noise of the difference."""
     included = included_tasks(rows, min_full_cache)
-    scores = {(r.system, r.method, r.kept_fraction, r.id): r.score for r in rows
-              if r.protocol == protocol and (r.task, r.length) in included and not is_full_cache(r)}
-    fractions = sorted({k for s, _, k in cells if k < 1.0 and s == system} & {k for s, _, k in cells if s == peer})
+    scores: dict[tuple[str, str, float], dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        if r.protocol == protocol and r.system in (system, peer) and not is_full_cache(r) \
+                and (r.task, r.length) in included:
+            scores[(r.system, r.method, r.kept_fraction)][r.id] = r.score
+    fractions = sorted({k for s, _, k in scores if s == system} & {k for s, _, k in scores if s == peer})
     lines = [f"| kept | {system} best | {peer} best | difference, paired |", "|---|---|---|---|"]
     for fraction in fractions:
+        methods = {key: by_id for key, by_id in scores.items() if key[2] == fraction}
+        common = set.intersection(*(set(by_id) for by_id in methods.values()))
+        if not common:
+            continue
         best = {}
         for name in (system, peer):
-            candidates = [(c.mean, m) for (s, m, k), c in cells.items() if s == name and k == fraction]
-            best[name] = max(candidates)[1]
-        ours = {i: v for (s, m, k, i), v in scores.items() if s == system and m == best[system] and k == fraction}
-        theirs = {i: v for (s, m, k, i), v in scores.items() if s == peer and m == best[peer] and k == fraction}
-        diffs = [ours[i] - theirs[i] for i in ours if i in theirs]
+            best[name] = max((sum(by_id[i] for i in common) / len(common), m)
+                             for (s, m, _), by_id in methods.items() if s == name)
+        ours, theirs = methods[(system, best[system][1], fraction)], methods[(peer, best[peer][1], fraction)]
+        diffs = [ours[i] - theirs[i] for i in sorted(common)]
         n = len(diffs)
-        mean = sum(diffs) / n if n else math.nan
+        mean = sum(diffs) / n
         se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else 0.0
         star = "*" if se > 0 and abs(mean) > 2 * se else ""
-        lines.append(f"| {fraction:.0%} | {best[system]}: {_format(cells[(system, best[system], fraction)])} | "
-                     f"{best[peer]}: {_format(cells[(peer, best[peer], fraction)])} | "
-                     f"{100 * mean:+.1f} ± {100 * se:.1f}{star} (n={n}) |")
+        lines.append(f"| {fraction:.0%} | {best[system][1]}: {100 * best[system][0]:.1f} | "
+                     f"{best[peer][1]}: {100 * best[peer][0]:.1f} | {100 * mean:+.1f} ± {100 * se:.1f}{star} (n={n}) |")
     return "\n".join(lines)
 
 
