@@ -313,3 +313,26 @@ def test_every_default_press_runs_question_aware_on_its_budget(peer_python, suit
         budget = entry["seen_tokens"] if entry["method"] == "none" else (
             round(0.3 * entry["context_tokens"]) + entry["question_tokens"] - 1)
         assert entry["kept_per_head"] == pytest.approx(budget, abs=1e-9), entry["method"]
+
+
+def test_kept_tokens_are_found_and_streaming_keeps_its_sink_and_window(peer_python, suite, tmp_path) -> None:
+    import numpy as np
+
+    checkpoint, prompts, records = suite
+    out = tmp_path / "kept.npz"
+    done = subprocess.run([str(peer_python), str(PEER / "kept_tokens.py"), "--model", str(checkpoint), "--prompts",
+                           str(prompts), "--limit", "2", "--methods", "StreamingLLM,TOVA", "--kept", "0.5",
+                           "--dtype", "float32", "--out", str(out)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    kept = dict(np.load(out))
+    assert len(kept) == 2 * 2 * 2  # 2 prompts x 2 presses x 2 layers
+    for key, mask in kept.items():
+        press, _, _, _ = key.split("|")
+        length = mask.shape[1]
+        assert (mask.sum(axis=1) == round(0.5 * length)).all(), key  # the budget, found key by key
+        if press == "StreamingLLMPress":  # its 4 sink tokens and the most recent ones, in every head
+            expected = np.zeros(length, dtype=bool)
+            expected[:4] = True
+            expected[length - (round(0.5 * length) - 4):] = True
+            assert (mask == expected).all(), key
