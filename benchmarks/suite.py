@@ -30,7 +30,8 @@ from tqdm import tqdm
 from kvevict.evaluation.ruler import make_record
 from kvevict.evaluation.ruler_records import read_prompts, write_prompts
 from kvevict.evaluation.suite_metric import score
-from kvevict.evaluation.suite_report import (FULL_CACHE, SuiteRow, append_rows, done_keys, full_cache_agreement,
+from kvevict.evaluation.suite_report import (FULL_CACHE, SuiteRow, append_rows, common_prompts, done_keys,
+                                             full_cache_agreement,
                                              is_full_cache, markdown_best_of_each, markdown_full_cache,
                                              markdown_paired_effects, markdown_side_by_side, read_rows)
 from kvevict.evaluation.suite_grid import (BASES, FULL, HEADLINE, KEPT, Job, kvevict_jobs, method_config,
@@ -100,6 +101,12 @@ def grid(args: argparse.Namespace) -> int:
 
 def table(args: argparse.Namespace) -> int:
     rows = [row for path in [*args.csv, *args.from_csv] for row in read_rows(path)]
+    if not getattr(args, "all_prompts", False):
+        every = len({r.id for r in rows})
+        rows = common_prompts(rows)
+        if len({r.id for r in rows}) < every:
+            print(f"table: {len({r.id for r in rows})} of {every} prompts have every configuration's rows; the "
+                  "tables average those (--all-prompts: every row)", file=sys.stderr)
     protocols = [p for p in PROTOCOLS if any(r.protocol == p and not is_full_cache(r) for r in rows)]
     agreement = full_cache_agreement(rows)
     sections = ["## Full cache per task\n\n" + markdown_full_cache(rows, args.min_full_cache)
@@ -164,6 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="more results CSVs to merge (the same as listing them)")
     tables.add_argument("--out", type=Path)
     tables.add_argument("--plots", type=Path, help="also write the plots (PNG) into this directory")
+    tables.add_argument("--all-prompts", action="store_true",
+                        help="average every row, not only the prompts every configuration answered")
     tables.add_argument("--min-full-cache", type=float, default=0.5,
                         help="tasks the full cache scores below this stay out of the averages")
     grids = commands.add_parser("grid", help="the whole grid, both systems, in parallel processes")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 
-from kvevict.evaluation.suite_report import (SuiteRow, full_cache_agreement, markdown_best_of_each, markdown_full_cache,
+from kvevict.evaluation.suite_report import (SuiteRow, common_prompts, full_cache_agreement, markdown_best_of_each,
+                                             markdown_full_cache,
                                              markdown_paired_effects, markdown_side_by_side, protocol_cells)
 
 AGNOSTIC = "question_agnostic"
@@ -73,3 +74,11 @@ def test_full_cache_agreement_names_the_prompts_that_differ() -> None:
 def test_the_full_cache_table_marks_the_tasks_left_out() -> None:
     table = markdown_full_cache(rows())
     assert "| hard | 0.0 ± 0.0 (n=4) * |" in table and "| niah | 100.0 ± 0.0 (n=4) |" in table
+
+
+def test_tables_average_the_prompts_every_configuration_answered() -> None:
+    extra = [row("kvpress", "TOVAPress", 0.2, 9, 1.0), row("kvevict", "full cache", 1.0, 9, 1.0)]
+    kept = common_prompts(rows() + extra)
+    # prompt 9 lacks most configurations, the "hard" prompts every kvpress one
+    assert {r.id for r in kept} == {f"niah/1024/{i:04d}" for i in range(4)}
+    assert protocol_cells(kept, AGNOSTIC)[("kvpress", "TOVAPress", 0.2)].n == 4

@@ -69,6 +69,16 @@ def read_rows(path: Path) -> list[SuiteRow]:
     return rows
 
 
+def common_prompts(rows: Sequence[SuiteRow]) -> list[SuiteRow]:
+    """The rows of the prompts that every configuration (system, method, protocol, kept
+    fraction) answered, so that every cell of a table averages the same prompts."""
+    by_config: dict[tuple[str, str, str, float], set[str]] = defaultdict(set)
+    for r in rows:
+        by_config[(r.system, r.method, r.protocol, r.kept_fraction)].add(r.id)
+    common = set.intersection(*by_config.values()) if by_config else set()
+    return [r for r in rows if r.id in common]
+
+
 def done_keys(path: Path) -> set[tuple[str, str, str, float, str]]:
     """(system, method, protocol, kept_fraction, id) already measured (a resumed run skips them)."""
     if not path.exists():
