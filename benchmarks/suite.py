@@ -88,7 +88,9 @@ def grid(args: argparse.Namespace) -> int:
     prompts = [r for r in read_prompts(prompts_path) if r["metric"] != "bpb"]
     processes = grid_processes(args, prompts_path, len(prompts))
     failed = run_processes(processes, args.out / "logs", disable=args.no_progress)
-    csvs = sorted(p for p in args.out.glob("*.csv") if p.stat().st_size)
+    # This grid's CSVs only (a results directory may hold others, e.g. full_cache.csv).
+    csvs = sorted({*args.out.glob("kvevict-*.csv"), *(p.csv for p in processes)})
+    csvs = [p for p in csvs if p.exists() and p.stat().st_size]
     if csvs:
         table(argparse.Namespace(csv=csvs, from_csv=[], out=args.out / "suite.md", min_full_cache=args.min_full_cache,
                                  plots=args.out, quiet=True))
