@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvevict.evaluation.ruler import TASKS, make_record
+from kvevict.evaluation.ruler import TASKS, make_records
 from kvevict.evaluation.ruler_fit import token_counter
 from kvevict.evaluation.ruler_records import read_prompts, write_prompts
 from kvevict.evaluation.suite_metric import cut_prediction, score
@@ -88,8 +88,7 @@ def load_tokenizer(model: str):
 # -- generate -------------------------------------------------------------------------------------
 def generate(tokenizer, tasks: list[str], lengths: list[int], n: int, seeds: list[int]) -> list[dict]:
     """Every record, task by task, length by length, seed by seed (n indices each, running on)."""
-    return [make_record(task, tokenizer, length, draw * n + index, seed) for task in tasks for length in lengths
-            for draw, seed in enumerate(seeds) for index in range(n)]
+    return make_records(tokenizer, tasks, lengths, n, seeds)
 
 
 def generation_table(records: list[dict], tokenizer) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kvevict.evaluation.ruler import make_record
+from kvevict.evaluation.ruler import make_records
 from kvevict.evaluation.ruler_records import read_prompts, write_prompts
 from kvevict.evaluation.suite_metric import score
 from kvevict.evaluation.suite_report import (FULL_CACHE, SuiteRow, append_rows, common_prompts, done_keys,
@@ -51,8 +51,9 @@ def planned_jobs(args: argparse.Namespace, prompts: list[dict]) -> list[tuple[Jo
         per_prompt = kvevict_jobs(tuple(args.kept))
     else:
         per_prompt = [] if args.skip_full_cache else [Job(FULL_CACHE, None, "question_agnostic", 1.0)]
-        per_prompt += [Job(method_name(m, a), method_config(m, a), protocol, kept) for m in args.methods
-                       for a in args.allocators for protocol in args.protocols for kept in args.kept]
+        per_prompt += [Job(method_name(m, a, args.sink), method_config(m, a, args.sink), protocol, kept)
+                       for m in args.methods for a in args.allocators for protocol in args.protocols
+                       for kept in args.kept]
     return shard([(job, r) for r in prompts for job in per_prompt], *args.shard)
 
 
@@ -80,11 +81,8 @@ def grid(args: argparse.Namespace) -> int:
     if not prompts_path.exists():
         plan = FULL if args.full else HEADLINE
         tokenizer = load_model_tokenizer(args.model)
-        # A round of every seed and task, then the next: a run cut short (resumable) holds every
-        # seed and task alike.
-        write_prompts([make_record(task, tokenizer, length, draw * plan.n + index, seed)
-                       for index in range(plan.n) for draw, seed in enumerate(plan.seeds)
-                       for task in plan.tasks for length in plan.lengths], prompts_path)
+        write_prompts(make_records(tokenizer, plan.tasks, plan.lengths, plan.n, plan.seeds, in_rounds=True),
+                      prompts_path)
     prompts = [r for r in read_prompts(prompts_path) if r["metric"] != "bpb"]
     processes = grid_processes(args, prompts_path, len(prompts))
     failed = run_processes(processes, args.out / "logs", disable=args.no_progress)
@@ -157,6 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     runner.add_argument("--limit", type=int, default=None, help="first N prompts only")
     runner.add_argument("--skip-full-cache", action="store_true",
                         help="no full-cache rows (another CSV of the same prompts has them)")
+    runner.add_argument("--sink", type=int, default=None,
+                        help="protect this many first tokens in every method (rows named '<method> (sink N)')")
     runner.add_argument("--grid", action="store_true",
                         help="the grid's plan (kvevict.evaluation.suite_grid) instead of --methods/--protocols")
     runner.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
@@ -199,6 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.command == "run":
         for method in args.methods:
             parse_policy(method, "--methods")  # a bad spelling fails before the model loads
+        if args.sink is not None and args.sink < 0:
+            parser.error(f"--sink: a number of tokens >= 0, got {args.sink}")
         if any(not 0 < k <= 1 for k in args.kept):
             parser.error(f"--kept: fractions must lie in (0, 1], got {args.kept}")
     return args

@@ -34,6 +34,7 @@ def test_the_plan_runs_every_base_under_every_wrapper_at_every_kept_fraction() -
     assert all(allowed(w, a) for _, w, a in others) and len(others) == len(ALLOCATOR_RUNS)
     assert len({(j.method, j.protocol, j.kept) for j in jobs}) == len(jobs)  # no job twice
     assert method_name("keydiff", "pyramid") == "keydiff (pyramid)"
+    assert method_name("keydiff", "uniform", 4) == "keydiff (sink 4)"
 
 
 def test_shards_split_the_jobs_without_loss_or_overlap() -> None:

@@ -43,7 +43,7 @@ import re
 import string
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache, partial
 
@@ -418,3 +418,15 @@ def make_record(task: str, tokenizer, length: int, index: int, seed: int = 0) ->
             "seed": seed, "context": fields["context"], "question": fields["question"],
             "answers": fields["answers"], "metric": fields["metric"], "max_new_tokens": fields["max_new_tokens"],
             "depth": fields["depth"]}
+
+
+def make_records(tokenizer, tasks: Sequence[str], lengths: Sequence[int], n: int, seeds: Sequence[int],
+                 in_rounds: bool = False) -> list[dict[str, object]]:
+    """`n` records per task, length and seed; a seed's indices run on from the previous seed's
+    (seed k of the list gets k*n .. k*n+n-1), so ids stay unique. Task by task, or `in_rounds`:
+    one record per task, length and seed, then the next, so a run cut short covers them alike."""
+    keys = [(task, length, draw, index) for task in tasks for length in lengths
+            for draw in range(len(seeds)) for index in range(n)]
+    if in_rounds:
+        keys.sort(key=lambda key: (key[3], key[2]))  # stable: task and length order within a round
+    return [make_record(task, tokenizer, length, draw * n + index, seeds[draw]) for task, length, draw, index in keys]

@@ -65,13 +65,14 @@ class Job:
     kept: float
 
 
-def method_name(method: str, allocator: str) -> str:
-    return method if allocator == "uniform" else f"{method} ({allocator})"
+def method_name(method: str, allocator: str, sink: int | None = None) -> str:
+    name = method if allocator == "uniform" else f"{method} ({allocator})"
+    return name if sink is None else f"{name} (sink {sink})"
 
 
-def method_config(method: str, allocator: str = "uniform") -> EvictionConfig:
+def method_config(method: str, allocator: str = "uniform", sink: int | None = None) -> EvictionConfig:
     base, wrapper = parse_policy(method, "--methods")
-    return EvictionConfig(base=base, wrapper=wrapper, allocator=allocator)
+    return EvictionConfig(base=base, wrapper=wrapper, allocator=allocator, sink=sink)
 
 
 def kvevict_jobs(kept: tuple[float, ...] = KEPT) -> list[Job]:

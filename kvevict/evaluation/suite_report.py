@@ -175,6 +175,15 @@ def markdown_side_by_side(rows: Sequence[SuiteRow], protocol: str, min_full_cach
     return "\n".join(lines)
 
 
+def _paired(diffs: Sequence[float]) -> str:
+    """Mean ± standard error of paired differences in points, `*` beyond twice it, and n."""
+    n = len(diffs)
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else 0.0
+    star = "*" if se > 0 and abs(mean) > 2 * se else ""
+    return f"{100 * mean:+.1f} ± {100 * se:.1f}{star} (n={n})"
+
+
 def markdown_best_of_each(rows: Sequence[SuiteRow], protocol: str, min_full_cache: float = 0.5,
                           system: str = "kvevict", peer: str = "kvpress") -> str:
     """Per kept fraction, on the prompts every method of both systems answered there: each
@@ -199,13 +208,9 @@ def markdown_best_of_each(rows: Sequence[SuiteRow], protocol: str, min_full_cach
             best[name] = max((sum(by_id[i] for i in common) / len(common), m)
                              for (s, m, _), by_id in methods.items() if s == name)
         ours, theirs = methods[(system, best[system][1], fraction)], methods[(peer, best[peer][1], fraction)]
-        diffs = [ours[i] - theirs[i] for i in sorted(common)]
-        n = len(diffs)
-        mean = sum(diffs) / n
-        se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else 0.0
-        star = "*" if se > 0 and abs(mean) > 2 * se else ""
+        difference = _paired([ours[i] - theirs[i] for i in sorted(common)])
         lines.append(f"| {fraction:.0%} | {best[system][1]}: {100 * best[system][0]:.1f} | "
-                     f"{best[peer][1]}: {100 * best[peer][0]:.1f} | {100 * mean:+.1f} ± {100 * se:.1f}{star} (n={n}) |")
+                     f"{best[peer][1]}: {100 * best[peer][0]:.1f} | {difference} |")
     return "\n".join(lines)
 
 
@@ -260,11 +265,7 @@ def markdown_paired_effects(rows: Sequence[SuiteRow], protocol: str, min_full_ca
             if not diffs:
                 cells.append("")
                 continue
-            n = len(diffs)
-            mean = sum(diffs) / n
-            se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else 0.0
-            star = "*" if se > 0 and abs(mean) > 2 * se else ""
             better, worse = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-            cells.append(f"{100 * mean:+.1f} ± {100 * se:.1f}{star} (n={n}; {better} better, {worse} worse)")
+            cells.append(_paired(diffs)[:-1] + f"; {better} better, {worse} worse)")
         lines.append(f"| {method} - {base} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
