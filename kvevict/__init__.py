@@ -1,1 +1,23 @@
-"""kvevict: KV-cache token eviction for LLM serving."""
+"""kvevict: KV-cache token eviction for LLM serving.
+
+The Python API (docs/API.md): `kvevict.policy(...)` builds a policy, `kvevict.EvictingCache`
+is a transformers cache that evicts, for `model.generate`. Imported on first use: the manager's
+image imports this package without torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["EvictingCache", "Policy", "policy"]
+
+_LAZY = {"EvictingCache": "kvevict.worker.evicting_cache", "Policy": "kvevict.eviction_policy",
+         "policy": "kvevict.eviction_policy"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kvevict' has no attribute {name!r}")

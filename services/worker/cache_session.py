@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
+from transformers import DynamicCache
+
 from kvevict import defaults, wire
 from kvevict.cache_manager.errors import NotFound
 from kvevict.v1 import cache_manager_pb2 as pb
@@ -75,7 +77,8 @@ class CacheSession:
     or not the period reports; the manager drops the same ones from its state."""
 
     def __init__(self, model: torch.nn.Module, manager: ManagerClient, settings: EvictionSettings,
-                 observer: ForwardObserver | None = None, metrics: WorkerMetrics | None = None) -> None:
+                 observer: ForwardObserver | None = None, metrics: WorkerMetrics | None = None,
+                 hf_cache: DynamicCache | None = None) -> None:
         self.model = model
         self.manager = manager
         self.settings = settings
@@ -99,7 +102,7 @@ class CacheSession:
         device = next(model.parameters()).device
         self.device = device
         self.cache = PrunableCache(self.geometry.num_layers, self.geometry.num_kv_heads, device,
-                                   self.geometry.sliding_windows)
+                                   self.geometry.sliding_windows, hf_cache=hf_cache)
         requirements = [Requirement.from_proto(r, opened.statistics_dtype) for r in opened.statistics]
         self.collector = StatisticsCollector(requirements, self.geometry.num_layers, self.cache)
         self._next_position = 0
@@ -132,14 +135,12 @@ class CacheSession:
         logits = None
         started = time.perf_counter()
         for chunk in torch.split(token_ids, self.settings.block_size):
-            self.collector.start_period(chunk.numel())
+            self.begin_prefill_block(chunk.numel())
             block_logits = self._forward(chunk, all_logits=on_block_logits is not None)
-            if self.metrics is not None:
-                self.metrics.prefilled(chunk.numel())
             if on_block_logits is not None:
                 on_block_logits(block_logits)
             logits = block_logits[-1]
-            self._end_period(pb.PHASE_PREFILL)
+            self.end_prefill_block(chunk.numel())
             if on_block is not None:
                 on_block(chunk.numel())
         if self.metrics is not None:
@@ -148,24 +149,69 @@ class CacheSession:
 
     def decode(self, token_id: int) -> torch.Tensor:
         """Feeds one generated token; returns the logits of the next position."""
+        self.begin_decode_step()
+        logits = self._forward(torch.tensor([token_id]))[-1]
+        self.end_decode_step()
+        return logits
+
+    # One period per prefill block; one per `block_size` decode steps. A prefill that follows
+    # decode steps (the next turn of a conversation) first ends their period, so the tokens fed
+    # decide the reports, whoever drives the forwards (this class or `EvictingCache` in generate).
+    def begin_prefill_block(self, count: int) -> None:
+        if self._decode_steps:
+            self._decode_steps = 0
+            self._end_period(pb.PHASE_DECODE)
+        self.collector.start_period(count)
+
+    def end_prefill_block(self, count: int) -> None:
+        if self.metrics is not None:
+            self.metrics.prefilled(count)
+        self._end_period(pb.PHASE_PREFILL)
+
+    def begin_decode_step(self) -> None:
         if self._decode_steps == 0:
             self.collector.start_period(self.settings.block_size)
-        logits = self._forward(torch.tensor([token_id]))[-1]
+
+    def end_decode_step(self) -> None:
         self._decode_steps += 1
         if self._decode_steps == self.settings.block_size:
             self._decode_steps = 0
             self._end_period(pb.PHASE_DECODE)
-        return logits
 
-    @torch.inference_mode()
-    def _forward(self, token_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        """One forward of new tokens; logits (q or 1, vocab) of every or only the last position."""
-        positions = torch.arange(self._next_position, self._next_position + token_ids.numel(), device=self.device)
-        self._next_position += token_ids.numel()
+    @property
+    def tokens_fed(self) -> int:
+        """Tokens of the sequence forwarded so far (the next one's position)."""
+        return self._next_position
+
+    def begin_forward(self, count: int) -> torch.Tensor:
+        """Declares the next `count` tokens; returns their absolute positions (count,)."""
+        positions = torch.arange(self._next_position, self._next_position + count, device=self.device)
+        self._next_position += count
         self._pending_positions.append(positions)
         self.cache.append_positions(positions)
         if self.observer is not None:
             self.observer(positions, [self.cache.positions(layer) for layer in range(self.cache.num_layers)])
+        return positions
+
+    def forward_kwargs(self) -> dict:
+        """What the model's forward needs beside the tokens: the statistics collector (read by
+        kvevict attention)."""
+        return {COLLECTOR_KWARG: self.collector}
+
+    def end_forward(self, count: int) -> None:
+        """After the forward of `count` declared tokens: shape check, peaks, KV gauges."""
+        if self.cache.tokens_seen == count:  # the first forward: shapes exist now
+            self.cache.check_geometry(self.geometry.head_dim)
+        for layer in range(self.cache.num_layers):
+            self.stats.peak_lengths[layer] = max(self.stats.peak_lengths[layer], self.cache.length(layer))
+        kv_bytes = self.cache.kv_bytes()
+        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, kv_bytes)
+        self._track_kv(kv_bytes)
+
+    @torch.inference_mode()
+    def _forward(self, token_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """One forward of new tokens; logits (q or 1, vocab) of every or only the last position."""
+        positions = self.begin_forward(token_ids.numel())
         # Absolute position ids: after eviction the cache length is not the position (RoPE).
         output = self.model(
             input_ids=token_ids.to(self.device)[None, :],
@@ -173,15 +219,9 @@ class CacheSession:
             past_key_values=self.cache.hf_cache,
             use_cache=True,
             logits_to_keep=0 if all_logits else 1,
-            **{COLLECTOR_KWARG: self.collector},
+            **self.forward_kwargs(),
         )
-        if self.cache.tokens_seen == token_ids.numel():  # the first forward: shapes exist now
-            self.cache.check_geometry(self.geometry.head_dim)
-        for layer in range(self.cache.num_layers):
-            self.stats.peak_lengths[layer] = max(self.stats.peak_lengths[layer], self.cache.length(layer))
-        kv_bytes = self.cache.kv_bytes()
-        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, kv_bytes)
-        self._track_kv(kv_bytes)
+        self.end_forward(token_ids.numel())
         return output.logits[0]
 
     def _track_kv(self, kv_bytes: int | None = None) -> None:
@@ -291,6 +331,10 @@ class CacheSession:
         if self.metrics is not None:
             self.metrics.fell_back()
         log.warning("event=manager_fallback session=%s error=%r", getattr(self, "session_id", None), str(error))
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> pb.CloseSessionResponse | None:
         if self._closed:

@@ -22,10 +22,11 @@ class PrunableCache(PositionSource):
     """The KV cache of one sequence, with per-layer absolute positions and keep-mask pruning."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, device: torch.device | str = "cpu",
-                 sliding_windows: Sequence[int] = ()) -> None:
+                 sliding_windows: Sequence[int] = (), hf_cache: DynamicCache | None = None) -> None:
         # No config: every layer is a plain DynamicLayer (a sliding-window layer would crop itself
         # behind our back; windows are applied in the attention mask and by drop_unseen instead).
-        self.hf_cache = DynamicCache()
+        # `hf_cache`: an empty DynamicCache to fill instead (kvevict.worker.evicting_cache).
+        self.hf_cache = DynamicCache() if hf_cache is None else hf_cache
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.sliding_windows = list(sliding_windows) or [0] * num_layers  # 0 = full attention
