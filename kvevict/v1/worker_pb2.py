@@ -26,15 +26,15 @@ from kvevict.v1 import cache_manager_pb2 as kvevict_dot_v1_dot_cache__manager__p
 from kvevict.v1 import tensor_pb2 as kvevict_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvevict/v1/worker.proto\x12\nkvevict.v1\x1a\x1ekvevict/v1/cache_manager.proto\x1a\x17kvevict/v1/tensor.proto\"u\n\x0f\x45victionOptions\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.kvevict.v1.PolicySpec\x12&\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x16.kvevict.v1.BudgetSpec\x12\x12\n\nblock_size\x18\x03 \x01(\r\"C\n\x0fSamplingOptions\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"7\n\nChatPrompt\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.kvevict.v1.ChatMessage\"\x82\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.kvevict.v1.TokenIdsH\x00\x12&\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x16.kvevict.v1.ChatPromptH\x00\x12-\n\x08\x65viction\x18\x04 \x01(\x0b\x32\x1b.kvevict.v1.EvictionOptions\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.kvevict.v1.SamplingOptions\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\x12\x0c\n\x04stop\x18\x07 \x03(\tB\x08\n\x06prompt\"\xef\x02\n\x0f\x45victionSummary\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x65victed_per_layer\x18\x03 \x03(\r\x12\x15\n\rfinal_lengths\x18\x04 \x03(\r\x12\x15\n\rlayer_budgets\x18\x05 \x03(\r\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x04\x12\x18\n\x10\x66ull_cache_bytes\x18\x07 \x01(\x04\x12\x15\n\rpeak_kv_bytes\x18\x08 \x01(\x04\x12\x0f\n\x07reports\x18\t \x01(\r\x12\x17\n\x0fprefill_seconds\x18\n \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x0b \x01(\x01\x12\x17\n\x0fmanager_seconds\x18\x0c \x01(\x01\x12\x18\n\x10manager_fallback\x18\r \x01(\x08\x12\x14\n\x0cpeak_lengths\x18\x0e \x03(\r\x12\x14\n\x0creport_bytes\x18\x0f \x01(\x04\"\x92\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.kvevict.v1.FinishReason\x12,\n\x07summary\x18\x04 \x01(\x0b\x32\x1b.kvevict.v1.EvictionSummary\"\x81\x01\n\x0cScoreRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.kvevict.v1.TokenIdsH\x00\x12-\n\x08\x65viction\x18\x03 \x01(\x0b\x32\x1b.kvevict.v1.EvictionOptionsB\x07\n\x05input\"\xab\x01\n\rScoreResponse\x12*\n\x0etoken_logprobs\x18\x01 \x01(\x0b\x32\x12.kvevict.v1.Tensor\x12\x15\n\rtotal_logprob\x18\x02 \x01(\x01\x12\x12\n\nperplexity\x18\x03 \x01(\x01\x12\x15\n\rscored_tokens\x18\x04 \x01(\r\x12,\n\x07summary\x18\x05 \x01(\x0b\x32\x1b.kvevict.v1.EvictionSummary*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\x96\x01\n\rWorkerService\x12G\n\x08Generate\x12\x1b.kvevict.v1.GenerateRequest\x1a\x1c.kvevict.v1.GenerateResponse0\x01\x12<\n\x05Score\x12\x18.kvevict.v1.ScoreRequest\x1a\x19.kvevict.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvevict/v1/worker.proto\x12\nkvevict.v1\x1a\x1ekvevict/v1/cache_manager.proto\x1a\x17kvevict/v1/tensor.proto\"u\n\x0f\x45victionOptions\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.kvevict.v1.PolicySpec\x12&\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x16.kvevict.v1.BudgetSpec\x12\x12\n\nblock_size\x18\x03 \x01(\r\"C\n\x0fSamplingOptions\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"7\n\nChatPrompt\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.kvevict.v1.ChatMessage\"\xd0\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.kvevict.v1.TokenIdsH\x00\x12&\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x16.kvevict.v1.ChatPromptH\x00\x12-\n\x08\x65viction\x18\x04 \x01(\x0b\x32\x1b.kvevict.v1.EvictionOptions\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.kvevict.v1.SamplingOptions\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x19\n\x11keep_conversation\x18\x08 \x01(\x08\x12\x17\n\x0f\x63onversation_id\x18\t \x01(\t\x12\x18\n\x10\x65nd_conversation\x18\n \x01(\x08\x42\x08\n\x06prompt\"\xef\x02\n\x0f\x45victionSummary\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x65victed_per_layer\x18\x03 \x03(\r\x12\x15\n\rfinal_lengths\x18\x04 \x03(\r\x12\x15\n\rlayer_budgets\x18\x05 \x03(\r\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x04\x12\x18\n\x10\x66ull_cache_bytes\x18\x07 \x01(\x04\x12\x15\n\rpeak_kv_bytes\x18\x08 \x01(\x04\x12\x0f\n\x07reports\x18\t \x01(\r\x12\x17\n\x0fprefill_seconds\x18\n \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x0b \x01(\x01\x12\x17\n\x0fmanager_seconds\x18\x0c \x01(\x01\x12\x18\n\x10manager_fallback\x18\r \x01(\x08\x12\x14\n\x0cpeak_lengths\x18\x0e \x03(\r\x12\x14\n\x0creport_bytes\x18\x0f \x01(\x04\"\xab\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.kvevict.v1.FinishReason\x12,\n\x07summary\x18\x04 \x01(\x0b\x32\x1b.kvevict.v1.EvictionSummary\x12\x17\n\x0f\x63onversation_id\x18\x05 \x01(\t\"\x81\x01\n\x0cScoreRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.kvevict.v1.TokenIdsH\x00\x12-\n\x08\x65viction\x18\x03 \x01(\x0b\x32\x1b.kvevict.v1.EvictionOptionsB\x07\n\x05input\"\xab\x01\n\rScoreResponse\x12*\n\x0etoken_logprobs\x18\x01 \x01(\x0b\x32\x12.kvevict.v1.Tensor\x12\x15\n\rtotal_logprob\x18\x02 \x01(\x01\x12\x12\n\nperplexity\x18\x03 \x01(\x01\x12\x15\n\rscored_tokens\x18\x04 \x01(\r\x12,\n\x07summary\x18\x05 \x01(\x0b\x32\x1b.kvevict.v1.EvictionSummary*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\x96\x01\n\rWorkerService\x12G\n\x08Generate\x12\x1b.kvevict.v1.GenerateRequest\x1a\x1c.kvevict.v1.GenerateResponse0\x01\x12<\n\x05Score\x12\x18.kvevict.v1.ScoreRequest\x1a\x19.kvevict.v1.ScoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvevict.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1498
-  _globals['_FINISHREASON']._serialized_end=1616
+  _globals['_FINISHREASON']._serialized_start=1601
+  _globals['_FINISHREASON']._serialized_end=1719
   _globals['_EVICTIONOPTIONS']._serialized_start=96
   _globals['_EVICTIONOPTIONS']._serialized_end=213
   _globals['_SAMPLINGOPTIONS']._serialized_start=215
@@ -46,15 +46,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATPROMPT']._serialized_start=355
   _globals['_CHATPROMPT']._serialized_end=410
   _globals['_GENERATEREQUEST']._serialized_start=413
-  _globals['_GENERATEREQUEST']._serialized_end=671
-  _globals['_EVICTIONSUMMARY']._serialized_start=674
-  _globals['_EVICTIONSUMMARY']._serialized_end=1041
-  _globals['_GENERATERESPONSE']._serialized_start=1044
-  _globals['_GENERATERESPONSE']._serialized_end=1190
-  _globals['_SCOREREQUEST']._serialized_start=1193
-  _globals['_SCOREREQUEST']._serialized_end=1322
-  _globals['_SCORERESPONSE']._serialized_start=1325
-  _globals['_SCORERESPONSE']._serialized_end=1496
-  _globals['_WORKERSERVICE']._serialized_start=1619
-  _globals['_WORKERSERVICE']._serialized_end=1769
+  _globals['_GENERATEREQUEST']._serialized_end=749
+  _globals['_EVICTIONSUMMARY']._serialized_start=752
+  _globals['_EVICTIONSUMMARY']._serialized_end=1119
+  _globals['_GENERATERESPONSE']._serialized_start=1122
+  _globals['_GENERATERESPONSE']._serialized_end=1293
+  _globals['_SCOREREQUEST']._serialized_start=1296
+  _globals['_SCOREREQUEST']._serialized_end=1425
+  _globals['_SCORERESPONSE']._serialized_start=1428
+  _globals['_SCORERESPONSE']._serialized_end=1599
+  _globals['_WORKERSERVICE']._serialized_start=1722
+  _globals['_WORKERSERVICE']._serialized_end=1872
 # @@protoc_insertion_point(module_scope)

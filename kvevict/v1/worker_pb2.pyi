@@ -61,7 +61,7 @@ class ChatPrompt(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "token_ids", "chat", "eviction", "sampling", "max_new_tokens", "stop")
+    __slots__ = ("text", "token_ids", "chat", "eviction", "sampling", "max_new_tokens", "stop", "keep_conversation", "conversation_id", "end_conversation")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,9 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    KEEP_CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    END_CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: TokenIds
     chat: ChatPrompt
@@ -76,7 +79,10 @@ class GenerateRequest(_message.Message):
     sampling: SamplingOptions
     max_new_tokens: int
     stop: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatPrompt, _Mapping]] = ..., eviction: _Optional[_Union[EvictionOptions, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+    keep_conversation: bool
+    conversation_id: str
+    end_conversation: bool
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatPrompt, _Mapping]] = ..., eviction: _Optional[_Union[EvictionOptions, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., keep_conversation: _Optional[bool] = ..., conversation_id: _Optional[str] = ..., end_conversation: _Optional[bool] = ...) -> None: ...
 
 class EvictionSummary(_message.Message):
     __slots__ = ("prompt_tokens", "generated_tokens", "evicted_per_layer", "final_lengths", "layer_budgets", "kv_bytes", "full_cache_bytes", "peak_kv_bytes", "reports", "prefill_seconds", "decode_seconds", "manager_seconds", "manager_fallback", "peak_lengths", "report_bytes")
@@ -113,16 +119,18 @@ class EvictionSummary(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., evicted_per_layer: _Optional[_Iterable[int]] = ..., final_lengths: _Optional[_Iterable[int]] = ..., layer_budgets: _Optional[_Iterable[int]] = ..., kv_bytes: _Optional[int] = ..., full_cache_bytes: _Optional[int] = ..., peak_kv_bytes: _Optional[int] = ..., reports: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., manager_seconds: _Optional[float] = ..., manager_fallback: _Optional[bool] = ..., peak_lengths: _Optional[_Iterable[int]] = ..., report_bytes: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "token_ids", "finish_reason", "summary")
+    __slots__ = ("text", "token_ids", "finish_reason", "summary", "conversation_id")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: FinishReason
     summary: EvictionSummary
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., summary: _Optional[_Union[EvictionSummary, _Mapping]] = ...) -> None: ...
+    conversation_id: str
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., summary: _Optional[_Union[EvictionSummary, _Mapping]] = ..., conversation_id: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("text", "token_ids", "eviction")

@@ -42,9 +42,11 @@ def read_chat(path: Path) -> worker_pb2.ChatPrompt:
 
 def generate_request(args: argparse.Namespace) -> worker_pb2.GenerateRequest:
     request = worker_pb2.GenerateRequest(
-        eviction=eviction_options(args),
         sampling=worker_pb2.SamplingOptions(temperature=args.temperature, top_p=args.top_p, seed=args.seed),
-        max_new_tokens=args.max_new_tokens, stop=args.stop or [])
+        max_new_tokens=args.max_new_tokens, stop=args.stop or [],
+        keep_conversation=getattr(args, "keep_conversation", False), conversation_id=getattr(args, "conversation", ""))
+    if not request.conversation_id:  # a conversation keeps its first turn's eviction settings
+        request.eviction.CopyFrom(eviction_options(args))
     if args.token_ids is not None:
         request.token_ids.ids.extend(parse_token_ids(args.token_ids))
     elif args.chat is not None:
@@ -75,6 +77,8 @@ def run_generate(args: argparse.Namespace) -> int:
         print("kvevict: error: the stream ended without a summary", file=sys.stderr)
         return 1
     summary = EvictionSummary.from_proto(final.summary)
+    if final.conversation_id:
+        print(f"conversation: {final.conversation_id}", file=sys.stderr)
     if args.json:
         print(output.generation_json("".join(text), token_ids, final.finish_reason, summary, policy_label(args)))
     else:

@@ -85,6 +85,11 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     _env(parser, "--metrics-port", "metrics_port", "KVEVICT_WORKER_METRICS_PORT", "9465",
          "port of the Prometheus /metrics page (on --host); 0 picks a free one (logged when ready), -1 = none",
          type=int)
+    _env(parser, "--max-conversations", "max_conversations", "KVEVICT_MAX_CONVERSATIONS", "16",
+         "conversations kept between requests (GenerateRequest.keep_conversation); more: RESOURCE_EXHAUSTED",
+         type=int)
+    _env(parser, "--conversation-ttl", "conversation_ttl", "KVEVICT_CONVERSATION_TTL_S", "600",
+         "seconds a kept conversation lives without a request continuing it", type=float)
     _env(parser, "--log-level", "log_level", "KVEVICT_LOG_LEVEL", "INFO", "debug, info, warning or error")
     group = parser.add_argument_group("eviction of requests that do not set it")
     add_eviction_flags(group)
@@ -112,7 +117,8 @@ def run_serve(args: argparse.Namespace) -> int:
         limits=Limits(default_max_new_tokens=args.default_max_new_tokens,
                       max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_tokens=args.max_prompt_tokens),
         max_queue=args.max_queue, max_message_bytes=int(args.max_message_mb * 2**20), grace_s=args.grace,
-        metrics_port=args.metrics_port,
+        metrics_port=args.metrics_port, max_conversations=args.max_conversations,
+        conversation_ttl_s=args.conversation_ttl,
     )
     logs.configure(args.log_level)
     transformers_logging.disable_progress_bar()  # weight-loading bars are not log lines
@@ -133,6 +139,11 @@ def add_generate_flags(parser: argparse.ArgumentParser) -> None:
     prompt.add_argument("--token-ids", help="prompt as token ids: 1,2,3 or '1 2 3'")
     prompt.add_argument("--chat", type=Path, help='JSON file of chat messages: [{"role": "user", "content": "..."}]')
     parser.add_argument("--stop", action="append", help="stop string (repeatable); it is not printed")
+    parser.add_argument("--keep-conversation", action="store_true",
+                        help="keep the evicted cache for a next turn; prints its id (conversation: ID) on stderr")
+    parser.add_argument("--conversation", default="", metavar="ID",
+                        help="continue a kept conversation: the prompt is the next turn (the eviction flags are "
+                             "those of its first turn and are not sent)")
     add_eviction_flags(parser)
     add_sampling_flags(parser, max_new_tokens=0, max_new_tokens_help="0 = the worker's default")
     parser.add_argument("--json", action="store_true",

@@ -26,6 +26,7 @@ class GenerationResult:
     token_ids: list[int]  # generated tokens only
     summary: EvictionSummary
     step_logits: list[torch.Tensor] = field(default_factory=list)  # when asked: logits that chose each token
+    session: CacheSession | None = None  # still open, when asked to keep it (a conversation's next turn)
 
 
 class EvictingGenerator:
@@ -48,14 +49,22 @@ class EvictingGenerator:
         on_token: Callable[[int], bool | None] | None = None,
         observer: ForwardObserver | None = None,
         keep_logits: bool = False,
+        session: CacheSession | None = None,
+        keep_session: bool = False,
     ) -> GenerationResult:
         """Prefills the prompt, then samples up to `max_new_tokens`, stopping at an EOS token or
-        after a token for which `on_token` returns True (e.g. a stop string completed)."""
+        after a token for which `on_token` returns True (e.g. a stop string completed).
+
+        `session`: an open session to go on with (a conversation's next turn: the prompt follows
+        what it holds), instead of a new one. `keep_session`: leave it open in the result (the
+        last generated token is not fed: the next turn's prompt starts with it); a generation
+        that fails closes it all the same."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
         metrics = self.metrics
-        session = CacheSession(self.model, self.manager, self.settings, observer=observer, metrics=metrics)
+        if session is None:
+            session = CacheSession(self.model, self.manager, self.settings, observer=observer, metrics=metrics)
         sampler = Sampler(sampling)
         generated: list[int] = []
         kept_logits: list[torch.Tensor] = []
@@ -84,9 +93,13 @@ class EvictingGenerator:
             summary = summarize(session, len(prompt), len(generated), prefill_seconds, decode_seconds)
             if metrics is not None:
                 metrics.generation_done(len(generated), decode_seconds)
-        finally:
+        except BaseException:
             session.close()
-        return GenerationResult(token_ids=generated, summary=summary, step_logits=kept_logits)
+            raise
+        if not keep_session:
+            session.close()
+        return GenerationResult(token_ids=generated, summary=summary, step_logits=kept_logits,
+                                session=session if keep_session else None)
 
 
 def summarize(session: CacheSession, prompt_tokens: int, generated: int, prefill_s: float,

@@ -81,12 +81,18 @@ def vocabulary_size(model) -> int:
 
 
 def prompt_ids(request: worker_pb2.GenerateRequest, tokenizer, vocab_size: int, limits: Limits) -> torch.Tensor:
-    """The prompt's token ids (n,) from text, token ids or chat messages."""
+    """The prompt's token ids (n,) from text, token ids or chat messages. The next turn of a
+    conversation (`conversation_id`) is text or token ids, its text tokenized without the
+    tokenizer's special tokens (no BOS in the middle of a sequence)."""
     which = request.WhichOneof("prompt")
     if which is None:
         raise RequestError("prompt", "no prompt: set text, token_ids or chat")
+    continuing = bool(request.conversation_id)
+    if continuing and which == "chat":
+        raise RequestError("chat", "a conversation continues with text or token_ids (the next turn as the model "
+                           "should read it, rendered by the client)")
     if which == "text":
-        ids = _text_ids(request.text, "text", tokenizer)
+        ids = _text_ids(request.text, "text", tokenizer, special_tokens=not continuing)
     elif which == "token_ids":
         ids = _given_ids(request.token_ids, "token_ids.ids", vocab_size)
     else:
@@ -179,10 +185,10 @@ def eviction_error(error: InvalidArgument) -> RequestError | None:
     return RequestError(f"eviction.{error.field}", error.message)
 
 
-def _text_ids(text: str, field: str, tokenizer) -> torch.Tensor:
+def _text_ids(text: str, field: str, tokenizer, special_tokens: bool = True) -> torch.Tensor:
     if not text:
         raise RequestError(field, "empty text")
-    return torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
+    return torch.tensor(tokenizer(text, add_special_tokens=special_tokens).input_ids, dtype=torch.long)
 
 
 def _given_ids(token_ids: worker_pb2.TokenIds, field: str, vocab_size: int) -> torch.Tensor:
