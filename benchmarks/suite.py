@@ -25,20 +25,16 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from kvevict.evaluation.ruler import make_records
 from kvevict.evaluation.ruler_records import read_prompts, write_prompts
-from kvevict.evaluation.suite_metric import score
-from kvevict.evaluation.suite_report import (FULL_CACHE, SuiteRow, append_rows, common_prompts, done_keys,
-                                             full_cache_agreement,
-                                             is_full_cache, markdown_best_of_each, markdown_full_cache,
-                                             markdown_paired_effects, markdown_side_by_side, read_rows)
-from kvevict.evaluation.suite_grid import (BASES, FULL, HEADLINE, KEPT, Job, kvevict_jobs, method_config,
-                                          method_name, shard)
+from kvevict.evaluation.suite_grid import BASES, FULL, HEADLINE, KEPT, Job, kvevict_jobs, shard
+from kvevict.evaluation.suite_jobs import configured_jobs, pending, per_record, run_jobs
 from kvevict.evaluation.suite_plots import plot_suite
 from kvevict.evaluation.suite_processes import grid_processes, load_model_tokenizer, run_processes
-from kvevict.evaluation.suite_runner import PROTOCOLS, answer_prompt
+from kvevict.evaluation.suite_report import done_keys, read_rows
+from kvevict.evaluation.suite_runner import PROTOCOLS
+from kvevict.evaluation.suite_tables import averaged_rows, suite_markdown
 from kvevict.policy_names import format_policy, parse_policy
 from kvevict.worker.model_loader import load_model
 
@@ -50,11 +46,9 @@ def planned_jobs(args: argparse.Namespace, prompts: list[dict]) -> list[tuple[Jo
     if args.grid:
         per_prompt = kvevict_jobs(tuple(args.kept))
     else:
-        per_prompt = [] if args.skip_full_cache else [Job(FULL_CACHE, None, "question_agnostic", 1.0)]
-        per_prompt += [Job(method_name(m, a, args.sink), method_config(m, a, args.sink), protocol, kept)
-                       for m in args.methods for a in args.allocators for protocol in args.protocols
-                       for kept in args.kept]
-    return shard([(job, r) for r in prompts for job in per_prompt], *args.shard)
+        per_prompt = configured_jobs(args.methods, args.allocators, args.protocols, args.kept, args.sink,
+                                     full_cache=not args.skip_full_cache)
+    return shard(per_record(per_prompt, prompts), *args.shard)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,14 +56,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     done = set().union(*(done_keys(path) for path in [args.out, *args.done_from]))
-    jobs = [(job, r) for job, r in planned_jobs(args, prompts)
-            if ("kvevict", job.method, job.protocol, job.kept, r["id"]) not in done]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    for job, record in tqdm(jobs, desc="suite", disable=args.no_progress):
-        answer = answer_prompt(model, tokenizer, record, job.config, job.kept, job.protocol, args.block_size)
-        append_rows([SuiteRow("kvevict", job.method, job.protocol, job.kept, record["id"], record["task"],
-                              record["length"], score(answer.prediction, record["answers"], record["metric"]),
-                              answer.prediction, answer.seconds)], args.out)
+    run_jobs(model, tokenizer, pending(planned_jobs(args, prompts), done), args.out, args.block_size,
+             progress=not args.no_progress)
     return 0
 
 
@@ -102,27 +90,10 @@ def grid(args: argparse.Namespace) -> int:
 def table(args: argparse.Namespace) -> int:
     rows = [row for path in [*args.csv, *args.from_csv] for row in read_rows(path)]
     if not getattr(args, "all_prompts", False):
-        every = len({r.id for r in rows})
-        rows = common_prompts(rows)
-        if len({r.id for r in rows}) < every:
-            print(f"table: {len({r.id for r in rows})} of {every} prompts have every configuration's rows; the "
-                  "tables average those (--all-prompts: every row)", file=sys.stderr)
-    protocols = [p for p in PROTOCOLS if any(r.protocol == p and not is_full_cache(r) for r in rows)]
-    agreement = full_cache_agreement(rows)
-    sections = ["## Full cache per task\n\n" + markdown_full_cache(rows, args.min_full_cache)
-                + (f"\n\n{agreement}." if agreement else "")]
-    for protocol in protocols:
-        sections.append(f"## {protocol}\n\nscore (%), mean ± standard error over the prompts of the tasks the full "
-                        f"cache answers >= {args.min_full_cache:.0%}\n\n"
-                        + markdown_side_by_side(rows, protocol, args.min_full_cache))
-        if any(r.system == "kvpress" and r.protocol == protocol and not is_full_cache(r) for r in rows):
-            sections.append(f"### best of each system ({protocol})\n\n"
-                            + markdown_best_of_each(rows, protocol, args.min_full_cache))
-        effects = markdown_paired_effects(rows, protocol, args.min_full_cache)
-        if effects.count("\n") > 1:
-            sections.append(f"### wrapper minus base ({protocol}, kvevict, paired by prompt)\n\npoints; `*`: "
-                            "beyond twice the standard error\n\n" + effects)
-    text = "# Real-model suite\n\n" + "\n\n".join(sections) + "\n"
+        rows, note = averaged_rows(rows)
+        if note:
+            print(f"table: {note} (--all-prompts: every row)", file=sys.stderr)
+    text = suite_markdown(rows, args.min_full_cache)
     if args.out:
         args.out.write_text(text)
     if args.plots:
