@@ -61,6 +61,10 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                              "bfloat16 or float16 per statistic; float16 flushes probabilities below 6e-8; "
                              "default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 on <= 2 cores)")
+    parser.add_argument("--pipelined", action="store_true", default=None,
+                        help="decide each report while the next block runs (its keep masks apply one block "
+                             "late: the cache peaks at the budget plus two blocks) [KVEVICT_PIPELINED for worker "
+                             "serve, default off]")
 
 
 def policy_names(args: argparse.Namespace) -> tuple[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -50,6 +51,10 @@ class EvictionSettings:
     # When the manager stays unreachable (or lost the session), go on with the same policy code
     # in-process instead of failing the request.
     fail_open: bool = True
+    # Decide period n while period n+1 runs: the report goes out at the end of its period and its
+    # keep masks apply at the end of the next one, so the manager's round trip hides behind the
+    # model's forwards; the cache peaks at the budget plus two blocks instead of one.
+    pipelined: bool = False
 
 
 @dataclass
@@ -78,7 +83,9 @@ class CacheSession:
 
     def __init__(self, model: torch.nn.Module, manager: ManagerClient, settings: EvictionSettings,
                  observer: ForwardObserver | None = None, metrics: WorkerMetrics | None = None,
-                 hf_cache: DynamicCache | None = None) -> None:
+                 hf_cache: DynamicCache | None = None, decisions: Executor | None = None) -> None:
+        """`decisions`: where a pipelined session's reports are decided (default: a thread of
+        its own; an executor that runs them at once gives the same lagged protocol, in order)."""
         self.model = model
         self.manager = manager
         self.settings = settings
@@ -105,6 +112,12 @@ class CacheSession:
                                    self.geometry.sliding_windows, hf_cache=hf_cache)
         requirements = [Requirement.from_proto(r, opened.statistics_dtype) for r in opened.statistics]
         self.collector = StatisticsCollector(requirements, self.geometry.num_layers, self.cache)
+        self.cache.listener = self.collector  # evictions between a forward and its report realign the sums
+        self._decisions = decisions if decisions is not None or not settings.pipelined else ThreadPoolExecutor(
+            1, thread_name_prefix="kvevict-decide")
+        self._own_decisions = decisions is None and settings.pipelined
+        # A pipelined report in flight: its decision, and the leading tokens it drops per layer.
+        self._in_flight: tuple[Future, list[int]] | None = None
         self._next_position = 0
         self._pending_positions: list[torch.Tensor] = []
         self._sequence = 0
@@ -248,35 +261,61 @@ class CacheSession:
 
     def stop_evicting(self) -> None:
         """No more reports: what is cached stays, what comes is appended (e.g. a question read
-        after its context was evicted, as kvpress's protocol does)."""
+        after its context was evicted, as kvpress's protocol does). A pipelined decision still
+        in flight applies first."""
+        self.flush()
         self._evicting = False
+
+    def flush(self) -> None:
+        """Applies a pipelined decision still in flight (nothing to do otherwise)."""
+        if self._in_flight is not None:
+            future, unseen = self._in_flight
+            self._in_flight = None
+            self._apply(future.result(), unseen)
 
     def _end_period(self, phase: int) -> None:
         # Between reports the collector's per-token sums grow with the cache; only here may it shrink.
+        self.flush()  # pipelined: the previous period's decision, one period late
         unseen = self.cache.unseen(self._next_position - 1)
         over_budget = any(self.cache.length(layer) - unseen[layer] > budget
                           for layer, budget in enumerate(self.layer_budgets))
         if self._evicting and (self.report_every_block or over_budget):
-            self._report(phase, unseen)
+            request = self._build_report(phase, unseen)
+            self._pending_positions.clear()
+            if self._decisions is None:
+                self._apply(self._decide(request, self._cached_positions(request)), unseen)
+            else:  # the positions as they are now, in case the manager is lost (fail-open adopts them)
+                self._in_flight = (self._decisions.submit(self._decide, request, self._cached_positions(request)),
+                                   unseen)
         elif any(unseen):  # what no query can see goes, evicting or not
             self.cache.drop_leading(unseen)
             self._track_kv()
 
-    def _report(self, phase: int, unseen: list[int]) -> None:
-        """Reports what stays visible; then drops the `unseen` leading tokens per layer (the
-        manager drops the same) and applies the keep masks, which index what is left."""
-        request = self._build_report(phase, unseen)
+    def _cached_positions(self, request: pb.ReportBlockRequest) -> list[torch.Tensor]:
+        """Every layer's cached positions before the report's new tokens (the cache only ever
+        replaces its tensors, so these stay as they are)."""
+        pending = request.positions.shape[0]
+        return [self.cache.positions(layer)[:, : self.cache.length(layer) - pending]
+                for layer in range(self.cache.num_layers)]
+
+    def _decide(self, request: pb.ReportBlockRequest, tracked: list[torch.Tensor]) -> pb.ReportBlockResponse:
+        """One report's decision, from the manager or (fail-open) in-process; counted."""
         started = time.perf_counter()
         try:
             response = self._timed_report(self.manager, request)
         except _LOST_MANAGER as error:
             if not self.settings.fail_open:
                 raise
-            response = self._report_in_process(request, error)
+            response = self._report_in_process(request, error, tracked)
         self.stats.manager_seconds += time.perf_counter() - started
         self.stats.reports += 1
         self.stats.report_bytes += request.ByteSize()
-        self._pending_positions.clear()
+        return response
+
+    def _apply(self, response: pb.ReportBlockResponse, unseen: list[int]) -> None:
+        """Drops the `unseen` leading tokens per layer (the manager drops the same), then applies
+        the keep masks, which index what is left (pipelined: the tokens cached since the report,
+        after the masks' length, all stay)."""
         self.cache.drop_leading(unseen)
         evicted = 0
         for keep in response.keeps:
@@ -313,14 +352,13 @@ class CacheSession:
         return pb.ReportBlockRequest(session_id=self.session_id, sequence=self._sequence, phase=phase,
                                      positions=wire.encode(positions.astype(np.int64)), layers=layers)
 
-    def _report_in_process(self, request: pb.ReportBlockRequest, error: Exception) -> pb.ReportBlockResponse:
-        """Fail-open: a local manager adopts the cache as it was before this report, then decides it."""
+    def _report_in_process(self, request: pb.ReportBlockRequest, error: Exception,
+                           tracked: list[torch.Tensor]) -> pb.ReportBlockResponse:
+        """Fail-open: a local manager adopts the cache as it was before this report (`tracked`,
+        each layer's positions then), then decides it."""
         self._note_fallback(error)
-        pending = request.positions.shape[0]
-        tracked = [self.cache.positions(layer)[:, : self.cache.length(layer) - pending].cpu().numpy()
-                   for layer in range(self.cache.num_layers)]
         local = EmbeddedManagerClient()
-        adopted = local.core.adopt_session(self._open_request, tracked)
+        adopted = local.core.adopt_session(self._open_request, [p.cpu().numpy() for p in tracked])
         self.manager, self.session_id, self._sequence = local, adopted.session_id, 1
         request.session_id, request.sequence = adopted.session_id, 1
         return self._timed_report(local, request)
@@ -340,6 +378,14 @@ class CacheSession:
         if self._closed:
             return None
         self._closed = True
+        if self._in_flight is not None:  # let the manager answer before its session closes
+            future, self._in_flight = self._in_flight[0], None
+            try:
+                future.result()
+            except Exception:  # the generation has ended (or failed) already: the decision is moot
+                pass
+        if self._own_decisions:
+            self._decisions.shutdown(wait=True)
         attention.uninstall(self.model)
         if self.metrics is not None:  # the cache is no longer in flight
             self.metrics.kv_cache_changed(-self._kv_tracked[0], -self._kv_tracked[1])

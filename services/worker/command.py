@@ -113,7 +113,9 @@ def run_serve(args: argparse.Namespace) -> int:
         manager=args.manager, manager_timeout_s=args.manager_timeout, manager_retries=args.manager_retries,
         eviction=EvictionDefaults(policy=policy_spec(args), budget=budget_spec(args),
                                   block_size=args.block_size or defaults.BLOCK_SIZE,
-                                  statistics_dtype=statistics_dtype(args), fail_open=fail_open),
+                                  statistics_dtype=statistics_dtype(args), fail_open=fail_open,
+                                  pipelined=args.pipelined if args.pipelined is not None
+                                  else env_flag(os.environ.get("KVEVICT_PIPELINED") or "false")),
         limits=Limits(default_max_new_tokens=args.default_max_new_tokens,
                       max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_tokens=args.max_prompt_tokens),
         max_queue=args.max_queue, max_message_bytes=int(args.max_message_mb * 2**20), grace_s=args.grace,

@@ -7,6 +7,7 @@ cannot drive a pruned cache; this loop feeds exactly one new token per step at i
 from __future__ import annotations
 
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -33,11 +34,13 @@ class EvictingGenerator:
     """Generates from one model through a manager session per request."""
 
     def __init__(self, model: torch.nn.Module, manager: ManagerClient, settings: EvictionSettings,
-                 metrics: WorkerMetrics | None = None) -> None:
+                 metrics: WorkerMetrics | None = None, decisions: Executor | None = None) -> None:
+        """`decisions`: where a pipelined session decides its reports (CacheSession)."""
         self.model = model
         self.manager = manager
         self.settings = settings
         self.metrics = metrics
+        self.decisions = decisions
 
     def generate(
         self,
@@ -64,7 +67,8 @@ class EvictingGenerator:
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
         metrics = self.metrics
         if session is None:
-            session = CacheSession(self.model, self.manager, self.settings, observer=observer, metrics=metrics)
+            session = CacheSession(self.model, self.manager, self.settings, observer=observer, metrics=metrics,
+                                   decisions=self.decisions)
         sampler = Sampler(sampling)
         generated: list[int] = []
         kept_logits: list[torch.Tensor] = []
@@ -90,6 +94,7 @@ class EvictingGenerator:
                     break  # the last token needs no forward: nothing will read its logits
                 logits = session.decode(token)
             decode_seconds = time.perf_counter() - started
+            session.flush()  # a pipelined decision still in flight
             summary = summarize(session, len(prompt), len(generated), prefill_seconds, decode_seconds)
             if metrics is not None:
                 metrics.generation_done(len(generated), decode_seconds)

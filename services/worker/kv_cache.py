@@ -10,12 +10,18 @@ applies to its own state).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache
 
 from kvevict.cache_manager.sliding import droppable
 from kvevict.worker.statistics import PositionSource
+
+
+class CacheListener(Protocol):
+    def columns_kept(self, layer: int, index: torch.Tensor, length: int, positions: torch.Tensor) -> None:
+        """Layer `layer` of `length` tokens keeps columns `index` (Hkv, K), at `positions` (Hkv, K)."""
 
 
 class PrunableCache(PositionSource):
@@ -35,6 +41,8 @@ class PrunableCache(PositionSource):
         self._positions = [torch.empty(num_kv_heads, 0, dtype=torch.long, device=device) for _ in range(num_layers)]
         self._dropped = [0] * num_layers  # tokens per KV head that left a layer's sliding window
         self.tokens_seen = 0
+        # Told of every column a layer keeps (CacheListener), e.g. the statistics collector.
+        self.listener: CacheListener | None = None
 
     def append_positions(self, positions: torch.Tensor) -> None:
         """Declares the absolute positions (q,) of the block about to be forwarded."""
@@ -79,6 +87,11 @@ class PrunableCache(PositionSource):
         """Drops the first counts[l] tokens of every KV head of each layer l (see unseen)."""
         for layer, count in enumerate(counts):
             if count:
+                if self.listener is not None:
+                    length = self.length(layer)
+                    kept = torch.arange(count, length, device=self._positions[layer].device)
+                    self.listener.columns_kept(layer, kept.expand(self.num_kv_heads, -1), length,
+                                               self._positions[layer][:, count:])
                 self._positions[layer] = self._positions[layer][:, count:]
                 entry = self.hf_cache.layers[layer]
                 # Copies, so the dropped rows' memory is freed now, not at the next append.
@@ -87,18 +100,24 @@ class PrunableCache(PositionSource):
                 self._dropped[layer] += count
 
     def apply_keep(self, layer: int, keep: torch.Tensor) -> None:
-        """Keeps the tokens of `keep` (Hkv, L) bool, the same count in every head, in order."""
+        """Keeps the tokens of `keep` (Hkv, M) bool, the same count in every head, in order; the
+        tokens after the first M (cached since the mask was decided) all stay."""
         length = self.length(layer)
-        if tuple(keep.shape) != (self.num_kv_heads, length):
+        if keep.dim() != 2 or keep.shape[0] != self.num_kv_heads or keep.shape[1] > length:
             raise ValueError(f"keep mask of layer {layer} has shape {tuple(keep.shape)}, "
                              f"cache is ({self.num_kv_heads}, {length})")
+        if keep.shape[1] < length:
+            keep = torch.cat([keep, keep.new_ones(self.num_kv_heads, length - keep.shape[1])], dim=1)
         counts = keep.sum(dim=1)
         if not bool((counts == counts[0]).all()):
             raise ValueError(f"keep mask of layer {layer} keeps {counts.tolist()} tokens per head; must be equal")
         kept = int(counts[0])
         # nonzero is row-major: per head, ascending token index -> order is preserved.
         index = keep.to(self._positions[layer].device).nonzero()[:, 1].view(self.num_kv_heads, kept)
-        self._positions[layer] = torch.gather(self._positions[layer], 1, index)
+        positions = torch.gather(self._positions[layer], 1, index)
+        if self.listener is not None:
+            self.listener.columns_kept(layer, index, length, positions)
+        self._positions[layer] = positions
         entry = self.hf_cache.layers[layer]
         gather_index = index.to(entry.keys.device)[None, :, :, None].expand(1, -1, -1, entry.keys.shape[-1])
         entry.keys = torch.gather(entry.keys, 2, gather_index)

@@ -133,7 +133,7 @@ def _settings(args: argparse.Namespace, request, geometry: pb.ModelGeometry,
                                     block_size=_block_size(args), statistics_dtype=statistics_dtype(args))
     else:
         eviction = EvictionDefaults(policy=policy_spec(args), budget=budget_spec(args), block_size=_block_size(args),
-                                    statistics_dtype=statistics_dtype(args))
+                                    statistics_dtype=statistics_dtype(args), pipelined=bool(args.pipelined))
     return eviction_settings(request, eviction, geometry, sampling_seed=getattr(args, "seed", 0))
 
 

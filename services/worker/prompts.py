@@ -62,6 +62,7 @@ class EvictionDefaults:
     block_size: int = shared_defaults.BLOCK_SIZE
     statistics_dtype: int = 0  # 0 = the manager's choice per statistic (bfloat16 / float16)
     fail_open: bool = True
+    pipelined: bool = False  # EvictionSettings.pipelined
 
 
 def eos_token_ids(tokenizer, model) -> set[int]:
@@ -150,7 +151,8 @@ def eviction_settings(request_message, defaults: EvictionDefaults, geometry: pb.
         policy = pb.PolicySpec.FromString(policy.SerializeToString())
         policy.seed = sampling_seed
     settings = EvictionSettings(policy=policy, budget=budget, block_size=block_size,
-                                statistics_dtype=defaults.statistics_dtype, fail_open=defaults.fail_open)
+                                statistics_dtype=defaults.statistics_dtype, fail_open=defaults.fail_open,
+                                pipelined=defaults.pipelined)
     try:
         settings_from_request(pb.OpenSessionRequest(geometry=geometry, policy=policy, budget=budget,
                                                     block_size=block_size,

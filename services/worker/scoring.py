@@ -57,6 +57,7 @@ def score_tokens(model: torch.nn.Module, manager: ManagerClient, settings: Evict
     try:
         started = time.perf_counter()
         session.prefill(token_ids, on_block_logits=take)
+        session.flush()  # a pipelined decision still in flight
         summary = summarize(session, token_ids.numel(), 0, time.perf_counter() - started, 0.0)
     finally:
         session.close()

@@ -113,6 +113,24 @@ class StatisticsCollector:
                 continue
             acc.attn_window[window] = _grow_add(acc.attn_window.get(window), group_probs[:, start:].sum(dim=1))
 
+    def columns_kept(self, layer: int, index: torch.Tensor, length: int, positions: torch.Tensor) -> None:
+        """The cache of `layer` ({length} tokens) kept columns `index` (Hkv, K) at `positions`:
+        the sums follow, so a report built after an eviction (pipelined: the previous period's
+        decision applied after this period's forwards) reads every token's own sums."""
+        acc = self._layers[layer]
+
+        def follow(total: torch.Tensor | None) -> torch.Tensor | None:
+            if total is None:
+                return None
+            return _padded(total, index.shape[0], length, total.device).gather(1, index.to(total.device))
+
+        acc.attn_sum = follow(acc.attn_sum)
+        acc.attn_window = {window: follow(total) for window, total in acc.attn_window.items()}
+        if acc.accumulated is not None:  # it covers every token cached at the last forward, by position
+            positions = positions.to(acc.accumulated.device).contiguous()
+            acc.accumulated = acc.accumulated.gather(1, torch.searchsorted(acc.accumulated_positions, positions))
+            acc.accumulated_positions = positions
+
     def _accumulate(self, layer: int, acc: _LayerAccumulators, addition: torch.Tensor, q_len: int) -> None:
         positions = self.cache.positions(layer).to(addition.device)  # the q new tokens last
         cached = positions[:, : positions.shape[1] - q_len]
@@ -124,7 +142,7 @@ class StatisticsCollector:
             # order) of the tokens summed then, found by their positions.
             previous = previous.gather(1, torch.searchsorted(acc.accumulated_positions, cached.contiguous()))
         acc.accumulated = _grow_add(previous, addition)
-        acc.accumulated_positions = positions
+        acc.accumulated_positions = positions.contiguous()
 
     def layer_statistics(self, layer: int, keys: torch.Tensor, values: torch.Tensor,
                          unseen: int = 0) -> list[torch.Tensor]:
