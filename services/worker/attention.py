@@ -9,10 +9,12 @@ long as a `CacheSession` lasts. It differs from eager attention in two ways:
   layers, the absolute positions of its cached tokens), because after eviction layers and heads
   no longer hold the same tokens: every cached token is visible, causal inside the new block;
 * when a `StatisticsCollector` rides along in the forward's kwargs (`kvevict_collector`), the
-  attention probabilities of the layer are handed to it, in float32.
+  attention probabilities of the queries its statistics need are handed to it, in float32.
 
-Without statistics to collect it runs SDPA, except for soft-capped logits (Gemma 2), which SDPA
-cannot apply: those take the explicit float32 path and record nothing.
+Without statistics, or when a statistic needs only some queries' probabilities (window
+policies), the output is SDPA's and the probabilities are computed beside it for those queries
+only; when every query's are needed (attention sums) or the logits are soft-capped (Gemma 2,
+which SDPA cannot apply), one explicit float32 pass gives the probabilities and the output.
 """
 
 from __future__ import annotations
@@ -110,22 +112,38 @@ def kvevict_attention(
 
     visible = _visibility(collector, layer, q_len, kv_len, sliding_window, query.device)
     records = collector is not None and collector.needs_attention
-    if not records and softcap is None:
-        return _sdpa(query, key, value, visible, scaling, group), None
+    if softcap is None and not (records and collector.needs_every_query):
+        # Window policies need the period's last `window` queries' probabilities at most: the
+        # output is SDPA's, as with the full cache (with nothing evicted, its logits bit for
+        # bit), and the probabilities are computed beside it for those queries only.
+        first = collector.first_needed_query(layer, q_len) if records else q_len
+        out = _sdpa(query, key, value, visible, scaling, group)
+        if records:
+            probs = None if first == q_len else _probabilities(query[:, :, first:], key, visible[:, first:],
+                                                               num_kv_heads, scaling, None)
+            collector.record_attention(layer, probs, skipped=first, queries=q_len)
+        return out, None
 
-    # Grouped layout (Hkv, group, q, d): the query heads of one KV head share its keys.
-    q32 = query[0].float().view(num_kv_heads, group, q_len, head_dim)
-    k32, v32 = key[0].float(), value[0].float()
-    scores = torch.einsum("hgqd,hkd->hgqk", q32, k32) * scaling
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out32 = torch.einsum("hgqk,hkd->hgqd", probs, v32)
-    if records:  # soft-capped attention (no SDPA kernel for it) also runs here without statistics
-        collector.record_attention(layer, probs)
+    # Every query's probabilities are needed (sums, accumulated attention), or the logits are
+    # soft-capped (Gemma 2: no SDPA kernel applies that): one float32 pass gives both.
+    probs = _probabilities(query, key, visible, num_kv_heads, scaling, softcap)
+    out32 = torch.einsum("hgqk,hkd->hgqd", probs, value[0].float())
+    if records:
+        collector.record_attention(layer, probs, skipped=0, queries=q_len)
     out = out32.to(query.dtype).reshape(1, num_query_heads, q_len, head_dim)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _probabilities(query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor, num_kv_heads: int, scaling: float,
+                   softcap: float | None) -> torch.Tensor:
+    """float32 attention probabilities (Hkv, group, q, L) of `query` (1, Hq, q, d) over `key`."""
+    _, num_query_heads, q_len, head_dim = query.shape
+    # Grouped layout (Hkv, group, q, d): the query heads of one KV head share its keys.
+    q32 = query[0].float().view(num_kv_heads, num_query_heads // num_kv_heads, q_len, head_dim)
+    scores = torch.einsum("hgqd,hkd->hgqk", q32, key[0].float()) * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    return torch.softmax(scores.masked_fill(~visible.unsqueeze(1), float("-inf")), dim=-1)
 
 
 def _visibility(

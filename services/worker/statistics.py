@@ -94,12 +94,32 @@ class StatisticsCollector:
             acc.attn_sum = None
             acc.attn_window.clear()
 
-    def record_attention(self, layer: int, probs: torch.Tensor) -> None:
-        """Takes one layer's float32 probabilities (Hkv, g, q, L) over its current cache."""
+    @property
+    def needs_every_query(self) -> bool:
+        """Whether every query's probabilities are needed (sums, accumulated attention)."""
+        return self._wants_sum or self._wants_accumulated
+
+    def first_needed_query(self, layer: int, q_len: int) -> int:
+        """The first of this forward's `q_len` queries whose probabilities a statistic needs
+        (q_len: none): every query for sums and accumulated attention, else the window's."""
+        if self._wants_sum or self._wants_accumulated:
+            return 0
+        if self.observers is not None or not self._windows:  # the window is the observers' queries
+            return q_len
+        first = self._queries_seen[layer]
+        return min([q_len] + [max(self._period_length - window - first, 0) for window in self._windows])
+
+    def record_attention(self, layer: int, probs: torch.Tensor | None, skipped: int = 0,
+                         queries: int | None = None) -> None:
+        """Takes one layer's float32 probabilities (Hkv, g, q, L) over its current cache, of the
+        forward's `queries` queries but the `skipped` first (first_needed_query; None: none)."""
+        q_len = queries if queries is not None else skipped + probs.shape[2]
+        first = self._queries_seen[layer] + skipped
+        self._queries_seen[layer] += q_len
+        if probs is None:
+            return
         acc = self._layers[layer]
         q_len = probs.shape[2]
-        first = self._queries_seen[layer]
-        self._queries_seen[layer] += q_len
         group_probs = probs.mean(dim=1)  # (Hkv, q, L)
         period_sum = group_probs.sum(dim=1)
         if self._wants_sum:
