@@ -117,7 +117,7 @@ def kvevict_attention(
         # output is SDPA's, as with the full cache (with nothing evicted, its logits bit for
         # bit), and the probabilities are computed beside it for those queries only.
         first = collector.first_needed_query(layer, q_len) if records else q_len
-        out = _sdpa(query, key, value, visible, scaling, group)
+        out = _sdpa(query, key, value, visible, scaling, group, windowed=bool(sliding_window))
         if records:
             probs = None if first == q_len else _probabilities(query[:, :, first:], key, visible[:, first:],
                                                                num_kv_heads, scaling, None)
@@ -170,12 +170,17 @@ def _sdpa(
     visible: torch.Tensor,
     scaling: float,
     group: int,
+    windowed: bool = False,
 ) -> torch.Tensor:
-    """Fast path when no statistic needs the attention probabilities (and no soft-capping)."""
-    key = key.repeat_interleave(group, dim=1) if group > 1 else key
-    value = value.repeat_interleave(group, dim=1) if group > 1 else value
-    mask = visible.repeat_interleave(group, dim=0).unsqueeze(0) if visible.shape[0] > 1 else visible.unsqueeze(0)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    """The output through SDPA (1, q, Hq, d), as the full cache computes it."""
+    # GQA without copying the cache per query head; one query that sees every cached token (a
+    # decode step outside any window) needs no mask. Both give the same bits as repeated keys.
+    if query.shape[2] == 1 and not windowed:
+        mask = None
+    else:
+        mask = visible.repeat_interleave(group, dim=0).unsqueeze(0) if visible.shape[0] > 1 else visible.unsqueeze(0)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                           enable_gqa=group > 1)
     return out.transpose(1, 2).contiguous()
 
 
