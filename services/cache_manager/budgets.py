@@ -19,6 +19,7 @@ import numpy as np
 
 from kvevict.cache_manager.errors import InvalidArgument
 from kvevict.cache_manager.geometry import Geometry
+from kvevict.cache_manager.selection import Ranking
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,13 @@ class BudgetAllocator(ABC):
         """Budgets for one report, from the previous ones and the layers' cache lengths (new
         tokens included). Static allocators keep the budgets they started with."""
         return list(budgets)
+
+    def allocate_flat(self, budgets: Sequence[int], cache_lengths: Sequence[int], ranking: Ranking | None) -> list[int]:
+        """`allocate` from a report's Ranking (the batched decision path); the same budgets."""
+        if not self.needs_scores:
+            return self.allocate(budgets, cache_lengths)
+        assert ranking is not None, f"{self.name} needs every layer's scores"
+        return self.allocate(budgets, cache_lengths, [ranking.exact_layer(layer) for layer in range(len(cache_lengths))])
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,90 @@ class Adaptive(BudgetAllocator):
         counts = np.zeros(len(lengths), dtype=np.int64)
         counts[layers] = np.add.reduceat(chosen, starts)
         return (floors + counts).tolist()
+
+    def allocate_flat(self, budgets: Sequence[int], cache_lengths: Sequence[int], ranking: Ranking | None) -> list[int]:
+        """allocate() in one selection over the whole model, from the ranking's float32
+        estimates, with the same budgets.
+
+        allocate() keeps, above the floors, the `extra` best head-summed float64 totals of what
+        the floors leave. Let T be the K-th largest total over every competing layer, K = extra +
+        what the floors take. When T occurs once and every competing layer has more totals above
+        T than its floor takes, the floors' picks all lie above T and the `extra` best of the
+        rest are exactly the other totals >= T: a layer gets its floor plus its count of totals >=
+        T minus its floor's picks, whatever order allocate()'s partitions leave ties in.
+
+        T is found on estimated totals: each within a relative `e` of its exact value (the
+        ranking's error plus float32's summation over heads). The totals whose estimates lie
+        within a relative band `beta` >> e around the estimated K-th largest are computed exactly
+        (the very sums allocate() computes, from the layer's exact scores); the others are
+        certainly above or below the band's exact values. If T is then among the band, unique,
+        clear of the band's edges, and every floor's picks lie above it, the budgets follow;
+        otherwise (ties at T, a layer left with its floor alone, estimates not good enough)
+        allocate() decides on the exact scores.
+        """
+        assert ranking is not None, "adaptive needs every layer's scores"
+        layout = ranking.layout
+        lengths = np.asarray(cache_lengths, dtype=np.int64)
+        floors = np.minimum(lengths, self.floor)
+        target = min(len(lengths) * self.tokens, int(lengths.sum()))
+        extra = target - int(floors.sum())
+        if extra <= 0:
+            return floors.tolist()
+
+        def exact() -> list[int]:
+            return self.allocate(budgets, cache_lengths, [ranking.exact_layer(layer) for layer in range(len(lengths))])
+
+        sink, recent = self.sink, self.recent
+        competing = [bool(n > self.floor) for n in lengths]
+        error = ranking.approx_error + (layout.heads + 1) * 2.0**-24
+        beta = max(2.0**-12, 64 * error)
+        if ranking.approximate is None or beta > 2.0**-6 or not all(
+                ranking.fast_layer(layer) for layer in range(len(lengths)) if competing[layer]):
+            return exact()
+        approx = ranking.approximate()
+        totals, layers, sizes = [], [], []
+        for start, stop in layout.groups(competing):
+            if not competing[start]:
+                continue
+            length = layout.lengths[start]
+            rows = layout.rows(approx, start, stop).reshape(stop - start, layout.heads, length)
+            totals.append(rows[:, :, sink:length - recent].sum(axis=1).ravel())
+            layers += range(start, stop)
+            sizes += [length - sink - recent] * (stop - start)
+        picks = self.floor - sink - recent  # the best totals of each competing layer its floor takes
+        pool = np.concatenate(totals)
+        rank = extra + picks * len(layers)  # T is the rank-th largest
+        estimate = float(np.partition(pool, pool.size - rank)[pool.size - rank])
+        if not 2.0**-90 <= estimate < 2.0**100:
+            return exact()
+        high, low = np.float64(estimate * (1 + beta)), np.float64(estimate * (1 - beta))
+        starts = np.cumsum([0] + sizes[:-1])
+        above = pool > high
+        above_per_layer = np.add.reduceat(above, starts, dtype=np.int64)
+        band = np.flatnonzero((pool >= low) & ~above)
+        in_layer = np.searchsorted(starts, band, side="right") - 1
+        values = np.empty(band.size, np.float64)
+        for index in np.unique(in_layer):
+            layer = layers[index]
+            length = layout.lengths[layer]
+            # allocate()'s own sum, so the value is bit for bit the one it would rank.
+            exact_totals = ranking.exact_layer(layer)[:, sink:length - recent].sum(axis=0, dtype=np.float64)
+            mine = in_layer == index
+            values[mine] = exact_totals[band[mine] - starts[index]]
+        position = rank - int(above_per_layer.sum())  # T's rank among the band's exact totals
+        if not 1 <= position <= band.size:
+            return exact()
+        threshold = np.sort(values)[::-1][position - 1]
+        # Outside the band, totals are certainly above high / (1 + e) or below low / (1 - e).
+        if not (low / (1 - error) < threshold < high / (1 + error)) or int(np.count_nonzero(values == threshold)) != 1:
+            return exact()
+        greater = above_per_layer + np.bincount(in_layer[values > threshold], minlength=len(layers))
+        if not bool((greater >= picks).all()):
+            return exact()
+        counts = greater + np.bincount(in_layer[values == threshold], minlength=len(layers)) - picks
+        result = floors.copy()
+        result[layers] += counts
+        return result.tolist()
 
 
 ALLOCATORS: dict[str, type[BudgetAllocator]] = {cls.name: cls for cls in (Uniform, Pyramid, Adaptive)}

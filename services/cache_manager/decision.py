@@ -2,6 +2,11 @@
 accumulators, score, allocate budgets, select, and compact the state. Pure: returns the answer,
 the next state and what the decision did (for the metrics), stores nothing.
 
+Sessions without sliding-window layers take the batched path: every layer at once, flat in the
+report's Layout (kvevict.cache_manager.batch), so each step is a few numpy calls over the whole
+model instead of a few per layer; it decides exactly as the per-layer path, which sliding-window
+sessions keep (tests/test_manager_fast_path.py holds both to the path as it was before).
+
 Sliding-window layers: the tokens no later query can see in any head were dropped before the
 report (validation counted them; the worker dropped them too). What is left unseen is a head's
 share of its layer's leading columns that other heads still see: those score below every token a
@@ -10,18 +15,22 @@ real ones still cached (none once the window has passed them)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
 from kvevict import wire
-from kvevict.cache_manager.policies.base import LayerContext
-from kvevict.cache_manager.selection import select_keep_scored
+from kvevict.cache_manager.batch import Layout, joined
+from kvevict.cache_manager.policies.base import LayerContext, ReportBatch
+from kvevict.cache_manager.selection import select_keep_flat, select_keep_scored
 from kvevict.cache_manager.sliding import hidden
 from kvevict.cache_manager.state import SessionState
 from kvevict.cache_manager.validation import ValidatedReport
 from kvevict.cache_manager.wrappers import CAOTE
 from kvevict.v1 import cache_manager_pb2 as pb
+from kvevict.v1 import tensor_pb2
 
 
 @dataclass(frozen=True)
@@ -31,10 +40,17 @@ class DecisionStats:
     num_kv_heads: int
     cache_lengths: tuple[int, ...]  # per layer: tokens per KV head decided on (new tokens included)
     layer_budgets: tuple[int, ...]  # per layer, after the decision
-    # CAOTE-wrapped policies only (caote, fastcaote): per layer that evicted, the output-error
-    # scores of the evicted tokens (kv_heads, evicted per head); empty for other policies.
-    evicted_output_errors: tuple[np.ndarray, ...] = ()
+    # Computes `evicted_output_errors` when first asked (the metrics ask; an embedded manager
+    # does not, so the decision does not gather them).
+    evicted_errors: Callable[[], tuple[np.ndarray, ...]] | None = field(default=None, repr=False, compare=False)
     seconds: float = 0.0  # validation + decision (set by the report step)
+
+    @cached_property
+    def evicted_output_errors(self) -> tuple[np.ndarray, ...]:
+        """CAOTE-wrapped policies only (caote, fastcaote): per layer that evicted, the
+        output-error scores of the evicted tokens (kv_heads, evicted per head), each head's in no
+        particular order; empty for other policies."""
+        return () if self.evicted_errors is None else tuple(self.evicted_errors())
 
     @property
     def evaluated_per_layer(self) -> np.ndarray:
@@ -53,6 +69,93 @@ class DecisionStats:
 def decide(state: SessionState, report: ValidatedReport,
            sequence: int) -> tuple[pb.ReportBlockResponse, SessionState, DecisionStats]:
     """Decides a validated report; the next state's `last_response` is the answer serialized."""
+    if any(state.settings.geometry.sliding_windows):
+        return _decide_layers(state, report, sequence)
+    return _decide_batched(state, report, sequence)
+
+
+def _decide_batched(state: SessionState, report: ValidatedReport,
+                    sequence: int) -> tuple[pb.ReportBlockResponse, SessionState, DecisionStats]:
+    """decide() for sessions without sliding-window layers, every layer at once."""
+    settings = state.settings
+    policy = settings.policy()
+    allocator = settings.allocator()
+    layout: Layout = report.layout
+    heads = layout.heads
+    lengths = list(layout.lengths)
+    tracked = state.cache_lengths
+    new_positions = report.positions.astype(np.int32)
+
+    accumulator = (policy.base.accumulate_flat(state.accumulators, report.values, layout)
+                   if policy.accumulates else None)
+    positions = np.empty(layout.size, dtype=np.int32)
+    # Every KV head caches the new tokens at the end of its row.
+    for start, stop, rows in layout.grouped_rows(positions, tracked):
+        old = tracked[start]
+        if old:
+            rows[:, :old] = joined(state.positions[start:stop])
+        rows[:, old:] = new_positions
+    batch = ReportBatch(layout, sequence, positions, report.values, accumulator)
+    evicting = any(n > b for n, b in zip(lengths, state.layer_budgets))
+    ranking = policy.rank_flat(batch, ordered=report.bulk) if allocator.needs_scores or evicting else None
+    budgets = allocator.allocate_flat(state.layer_budgets, lengths, ranking)
+
+    response = pb.ReportBlockResponse(sequence=sequence, layer_budgets=budgets)
+    evicting_layers = [layer for layer, (n, b) in enumerate(zip(lengths, budgets)) if n > b]
+    kept_lengths = [min(n, b) for n, b in zip(lengths, budgets)]
+    keep = None
+    if evicting_layers:
+        assert ranking is not None
+        keep = select_keep_flat(ranking, budgets, settings.sink, settings.recent)
+        _add_keeps(response, layout, keep, budgets, evicting_layers)
+        kept = Layout(heads, tuple(kept_lengths))
+        # Row-major boolean gathers keep each head's order; the states' layers are views.
+        kept_positions = kept.layers(positions[keep])
+        kept_accumulators = kept.layers(accumulator[keep]) if accumulator is not None else []
+    else:
+        kept_positions = layout.layers(positions)
+        kept_accumulators = layout.layers(accumulator) if accumulator is not None else []
+    evicted = sum((lengths[layer] - budgets[layer]) * heads for layer in evicting_layers)
+    response.evicted_tokens = evicted
+
+    next_state = state.evolve(
+        layer_budgets=tuple(budgets),
+        positions=kept_positions,
+        accumulators=kept_accumulators,
+        last_sequence=sequence,
+        last_position=int(report.positions[-1]),
+        last_response=response.SerializeToString(),
+        reports=state.reports + 1,
+        evicted_tokens=state.evicted_tokens + evicted,
+    )
+    errors = None
+    if isinstance(policy, CAOTE):
+        def errors() -> tuple[np.ndarray, ...]:
+            return tuple(ranking.exact_layer(layer)[~layout.layer(keep, layer)].reshape(heads, -1)
+                         for layer in evicting_layers)
+    stats = DecisionStats(num_kv_heads=heads, cache_lengths=tuple(lengths), layer_budgets=tuple(budgets),
+                          evicted_errors=errors)
+    return response, next_state, stats
+
+
+def _add_keeps(response: pb.ReportBlockResponse, layout: Layout, keep: np.ndarray, budgets: list[int],
+               evicting_layers: list[int]) -> None:
+    """The evicting layers' keep masks, bit-packed (one packbits per group of one shape)."""
+    evicting = set(evicting_layers)
+    marks = [layer in evicting for layer in range(len(layout.lengths))]
+    for start, stop, rows in layout.grouped_rows(keep, marks):
+        if not marks[start]:
+            continue
+        length = layout.lengths[start]
+        packed = np.packbits(rows, axis=-1, bitorder="little").reshape(stop - start, -1)
+        for layer in range(start, stop):
+            response.keeps.add(layer=layer, cache_length=length, kept_tokens=budgets[layer], keep=tensor_pb2.Tensor(
+                dtype=tensor_pb2.DTYPE_PACKED_BITS, shape=[layout.heads, length], data=packed[layer - start].tobytes()))
+
+
+def _decide_layers(state: SessionState, report: ValidatedReport,
+                   sequence: int) -> tuple[pb.ReportBlockResponse, SessionState, DecisionStats]:
+    """decide() layer by layer (sessions with sliding-window layers)."""
     settings = state.settings
     policy = settings.policy()
     allocator = settings.allocator()
@@ -116,7 +219,7 @@ def decide(state: SessionState, report: ValidatedReport,
         evicted_tokens=state.evicted_tokens + evicted,
     )
     stats = DecisionStats(num_kv_heads=heads, cache_lengths=tuple(lengths), layer_budgets=tuple(budgets),
-                          evicted_output_errors=tuple(evicted_errors))
+                          evicted_errors=lambda: tuple(evicted_errors))
     return response, next_state, stats
 
 

@@ -8,10 +8,12 @@ stable descending sort of the reversed row would pick.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvevict.cache_manager.batch import Layout
 from kvevict.cache_manager.errors import InvalidArgument
 
 
@@ -56,6 +58,91 @@ def select_keep_scored(scores: np.ndarray, budget: int, sink: int, recent: int) 
     # The kth smallest scores of each row: what the evicted tokens scored (ties at the threshold
     # are interchangeable, so the values are exact whichever of them were evicted).
     return keep, partitioned[:, :kth]
+
+
+@dataclass(eq=False)
+class Ranking:
+    """Every layer's scores of one report as the batched selection and allocation use them.
+
+    `exact(layer)` is the policy's score of a layer, exactly as `Wrapper.score` computes it. The
+    fast path reads `keys` instead: float32, flat in `layout`, >= +0.0 (never NaN) in every layer
+    `fast` marks (None: all), ordered within each row like the exact scores wherever two keys
+    differ by more than `slack` units in the last place (0: keys are a monotone map of the
+    scores, so only equal keys are ambiguous). `approximate()`, where given, estimates the exact
+    scores, flat, within a relative error of `approx_error` in the layers `fast` marks: what the
+    adaptive allocator decides from (budgets.Adaptive.allocate_flat), exactly.
+    """
+
+    layout: Layout
+    exact: Callable[[int], np.ndarray]
+    keys: np.ndarray | None = None
+    fast: Sequence[bool] | None = None
+    slack: int = 0
+    approximate: Callable[[], np.ndarray] | None = None
+    approx_error: float = 0.0
+    _exact: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def exact_layer(self, layer: int) -> np.ndarray:
+        """exact(layer), computed once."""
+        if layer not in self._exact:
+            self._exact[layer] = self.exact(layer)
+        return self._exact[layer]
+
+    def fast_layer(self, layer: int) -> bool:
+        return self.keys is not None and (self.fast is None or bool(self.fast[layer]))
+
+
+# Keys below this are too close to float32's subnormals for `slack` ulps to bound their error;
+# at or above the other, too close to infinity (float32 bit patterns).
+_SMALLEST_KEY_BITS = np.uint32(0x0D800000)  # 2**-100
+_LARGEST_KEY_BITS = np.uint32(0x72800000)  # 2**102
+
+
+def select_keep_flat(ranking: Ranking, budgets: Sequence[int], sink: int, recent: int) -> np.ndarray:
+    """select_keep of every layer at once: the keep masks of all layers, flat in the ranking's
+    layout (all True in the layers within their budget), equal to select_keep layer by layer on
+    the exact scores.
+
+    Each group of consecutive layers of one shape is partitioned once on the ranking's float32
+    keys read as uint32 (the bit patterns of non-negative floats order like their values, and a
+    uint32 partition is half the work of a float64 one): the threshold, the largest key below
+    it and the smallest above. Where, in every row, both neighbours differ from the threshold by more than the
+    keys' slack, the keys and the exact scores put the same tokens above and below it, so the
+    kept set is exactly the top `budget - sink - recent` by score. A layer where some row has a
+    neighbour that close (a tie, or scores the keys cannot tell apart), or that the ranking
+    leaves to the exact scores, is selected by select_keep on its exact scores.
+    """
+    layout = ranking.layout
+    keep = np.ones(layout.size, dtype=bool)
+    evicting = [length > budget for length, budget in zip(layout.lengths, budgets)]
+    marks = [bool(evicting[layer]) and ranking.fast_layer(layer) and (layout.lengths[layer], budgets[layer])
+             for layer in range(len(budgets))]
+    exact = [layer for layer in range(len(budgets)) if evicting[layer] and not marks[layer]]
+    if ranking.keys is not None:
+        keys = ranking.keys.view(np.uint32)
+        slack = np.uint32(ranking.slack)
+        for start, stop in layout.groups(marks):
+            if not marks[start]:
+                continue
+            length, budget = marks[start]
+            middle = layout.rows(keys, start, stop)[:, sink:length - recent]
+            kth = middle.shape[1] - (budget - sink - recent)  # evicted per row, > 0
+            # One kth: numpy's SIMD partition takes a single one (a list is ~12x slower).
+            partitioned = np.partition(middle, kth, axis=-1)
+            threshold = partitioned[:, kth]
+            clear = np.ones(threshold.shape, dtype=bool)
+            if slack:  # the keys' error is relative: keep away from subnormals and infinity
+                clear &= (threshold >= _SMALLEST_KEY_BITS) & (threshold < _LARGEST_KEY_BITS)
+            # The largest evicted key and the smallest other kept key, clear of the threshold.
+            clear &= partitioned[:, :kth].max(axis=-1) + slack < threshold
+            if kth + 1 < middle.shape[1]:
+                clear &= partitioned[:, kth + 1:].min(axis=-1) > threshold + slack
+            np.greater_equal(middle, threshold[:, None], out=layout.rows(keep, start, stop)[:, sink:length - recent])
+            if not clear.all():
+                exact += sorted({start + int(row) // layout.heads for row in np.flatnonzero(~clear)})
+    for layer in sorted(exact):
+        layout.layer(keep, layer)[...] = select_keep(ranking.exact_layer(layer), budgets[layer], sink, recent)
+    return keep
 
 
 def validate_protection(sink: int, recent: int, budgets: Sequence[int]) -> None:

@@ -2,15 +2,26 @@
 
 Every error is an InvalidArgument naming the field (`positions`, `layers[3].values[1].dtype`...),
 so a malformed report never reaches the state.
+
+Two paths, one answer. The bulk path checks every layer's layout (layer index, cache length,
+tensor count, dtypes, shapes, byte lengths), then decodes each statistic for all layers at once
+and checks its values with one integer max over the raw bits (kvevict.cache_manager.batch).
+Anything it does not accept (a malformed report, a NaN, an infinity, a negative value where
+none may be, or a -0.0) goes to the exact path, which checks layer after layer, tensor after
+tensor, and so raises the error the first offending field gets, named as always
+(`layers[2].values[1]: ... holds NaN or Inf`); a report it accepts after all (a -0.0) is decoded
+there too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from kvevict import wire
+from kvevict.cache_manager.batch import Layout, decode_statistic
 from kvevict.cache_manager.errors import InvalidArgument
 from kvevict.cache_manager.sliding import droppable
 from kvevict.cache_manager.state import SessionState
@@ -29,11 +40,22 @@ class ValidatedReport:
 
     phase: int
     positions: np.ndarray  # (new_tokens,) int64, strictly increasing, after every tracked position
-    # Per layer: statistic -> (num_kv_heads, cache_length) float32, finite.
-    statistics: tuple[dict[StatisticRequirement, np.ndarray], ...]
+    # Every layer's (num_kv_heads, cache_length), in the order of `values`' flat buffers.
+    layout: Layout
+    # Statistic -> float32 values of every layer, flat in `layout`, finite (fresh buffers).
+    values: dict[StatisticRequirement, np.ndarray]
     # Per layer: leading tokens (tracked, then new) that left the layer's sliding window, dropped
     # before cache_length (see kvevict.cache_manager.sliding); 0 for full-attention layers.
     dropped: tuple[int, ...] = ()
+    # True when the bulk check passed: besides finite, non-negative statistics hold no -0.0, so
+    # scores built from them order like their bit patterns (kvevict.cache_manager.selection).
+    bulk: bool = True
+
+    @cached_property
+    def statistics(self) -> tuple[dict[StatisticRequirement, np.ndarray], ...]:
+        """Per layer: statistic -> (num_kv_heads, cache_length) float32 view."""
+        views = {req: self.layout.layers(values) for req, values in self.values.items()}
+        return tuple({req: views[req][layer] for req in self.values} for layer in range(len(self.layout.lengths)))
 
 
 def decode(tensor: tensor_pb2.Tensor, field: str) -> np.ndarray:
@@ -54,11 +76,46 @@ def validate_report(request: pb.ReportBlockRequest, state: SessionState) -> Vali
         raise InvalidArgument("layers", f"expected {settings.geometry.num_layers} layers, got {len(request.layers)}")
     dropped = tuple(_dropped(state.positions[i], positions, window)
                     for i, window in enumerate(settings.geometry.sliding_windows))
-    statistics = tuple(
-        _layer(layer, i, state.cache_lengths[i], len(positions), dropped[i], state)
-        for i, layer in enumerate(request.layers)
-    )
-    return ValidatedReport(phase=request.phase, positions=positions, statistics=statistics, dropped=dropped)
+    tracked = state.cache_lengths
+    layout = Layout(settings.geometry.num_kv_heads, tuple(n + len(positions) - d for n, d in zip(tracked, dropped)))
+    values = _bulk(request, state, layout)
+    if values is not None:
+        return ValidatedReport(request.phase, positions, layout, values, dropped)
+    # The exact path: raises the first offending field's error, or decodes what the bulk check
+    # left to it (a -0.0).
+    statistics = [
+        _layer(layer, i, tracked[i], len(positions), dropped[i], state) for i, layer in enumerate(request.layers)
+    ]
+    values = {req: np.concatenate([layer[req].ravel() for layer in statistics]) for req in settings.statistics}
+    return ValidatedReport(request.phase, positions, layout, values, dropped, bulk=False)
+
+
+def _bulk(request: pb.ReportBlockRequest, state: SessionState, layout: Layout) -> dict[StatisticRequirement, np.ndarray] | None:
+    """Every statistic decoded for all layers at once, or None where the exact path must decide
+    (anything malformed or any value the bulk check does not accept)."""
+    settings = state.settings
+    requirements = settings.statistics
+    dtypes = [req.wire_dtype(settings.statistics_dtype) for req in requirements]
+    itemsizes = [4 if dtype == tensor_pb2.DTYPE_FLOAT32 else 2 for dtype in dtypes]
+    heads = layout.heads
+    data: list[list[bytes]] = [[] for _ in requirements]
+    for index, (layer, length) in enumerate(zip(request.layers, layout.lengths)):
+        if layer.layer != index or layer.cache_length != length or len(layer.values) != len(requirements):
+            return None
+        for k, tensor in enumerate(layer.values):
+            if tensor.dtype != dtypes[k] or len(tensor.shape) != 2 or tensor.shape[0] != heads or tensor.shape[1] != length:
+                return None
+            raw = tensor.data
+            if len(raw) != heads * length * itemsizes[k]:
+                return None
+            data[k].append(raw)
+    values = {}
+    for k, requirement in enumerate(requirements):
+        decoded = decode_statistic(b"".join(data[k]), dtypes[k], requirement.non_negative)
+        if decoded is None:
+            return None
+        values[requirement] = decoded
+    return values
 
 
 def _dropped(tracked: np.ndarray, new: np.ndarray, window: int) -> int:

@@ -10,14 +10,17 @@ FastCAOTE: a_j / (1 - a_j) * ||v_j - mean v||.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
+from kvevict.cache_manager.batch import Layout
 from kvevict.cache_manager.errors import InvalidArgument
-from kvevict.cache_manager.policies.base import BasePolicy, LayerContext
+from kvevict.cache_manager.policies.base import BasePolicy, LayerContext, ReportBatch
+from kvevict.cache_manager.selection import Ranking
 from kvevict.cache_manager.statistics import VALUE_DEV_MEAN, StatisticRequirement, merge_requirements
 
 
@@ -64,6 +67,46 @@ def fast_caote_scores(attention: np.ndarray, mean_deviation: np.ndarray) -> np.n
     return a
 
 
+def normalised_attention_flat(attention: np.ndarray, layout: Layout) -> np.ndarray:
+    """normalised_attention of every layer at once (flat in `layout`), equal to it layer by layer:
+    each row's sum is the same pairwise float64 sum over the same contiguous row."""
+    a = np.array(attention, dtype=np.float64)
+    for _, _, rows in layout.grouped_rows(a):
+        total = rows.sum(axis=-1, keepdims=True)
+        empty = total[..., 0] <= 0
+        if empty.any():
+            rows[empty] = 1.0
+            total[empty] = max(rows.shape[-1], 1)
+        rows /= total
+    return a
+
+
+def caote_scores_flat(attention: np.ndarray, excluded_deviation: np.ndarray, layout: Layout) -> np.ndarray:
+    """caote_scores of every layer at once (flat in `layout`), equal to it element for element."""
+    a = normalised_attention_flat(attention, layout)
+    any_full = bool(a.size) and bool(a.max() >= 1.0)
+    full = a >= 1.0 if any_full else None
+    a *= excluded_deviation
+    if full is not None:
+        a[full] = np.inf
+    return a
+
+
+def fast_caote_scores_flat(attention: np.ndarray, mean_deviation: np.ndarray, layout: Layout) -> np.ndarray:
+    """fast_caote_scores of every layer at once (flat in `layout`), equal to it element for element."""
+    a = normalised_attention_flat(attention, layout)
+    rest = 1.0 - a
+    full = rest <= 0
+    any_full = bool(full.any())
+    if any_full:
+        rest[full] = 1.0
+    a /= rest
+    a *= mean_deviation
+    if any_full:
+        a[full] = np.inf
+    return a
+
+
 @dataclass(frozen=True)
 class Wrapper:
     """A policy as the manager runs it: a base policy plus an optional transform of its score."""
@@ -84,6 +127,29 @@ class Wrapper:
 
     def score(self, ctx: LayerContext) -> np.ndarray:
         return self.base.score(ctx)
+
+    def score_flat(self, batch: ReportBatch) -> np.ndarray:
+        """`score` of every layer at once, flat in `batch.layout`, equal to it element for element."""
+        return self.base.score_flat(batch)
+
+    @property
+    def non_negative_scores(self) -> bool:
+        """Scores are >= 0 (never NaN) for valid statistics (see BasePolicy.non_negative_scores)."""
+        return self.base.non_negative_scores
+
+    def rank_flat(self, batch: ReportBatch, ordered: bool) -> Ranking:
+        """The scores of every layer as selection and allocation read them (selection.Ranking).
+        `ordered`: the statistics passed the bulk check (no -0.0 where they are >= 0), so
+        non-negative scores order like their float32 bit patterns."""
+        layout = batch.layout
+        scores = self.score_flat(batch)
+        keys = None
+        if ordered and self.non_negative_scores:
+            # float32 scores are their own keys; rounding float64 ones to float32 is monotone.
+            keys = scores if scores.dtype == np.float32 else scores.astype(np.float32)
+        return Ranking(layout, lambda layer: layout.layer(scores, layer), keys,
+                       approximate=None if keys is None else lambda: keys,
+                       approx_error=0.0 if scores.dtype == np.float32 else 2.0**-24)
 
 
 @dataclass(frozen=True)
@@ -107,6 +173,62 @@ class CAOTE(Wrapper):
         attention = self.base.attention_like(self.base.score(ctx))
         return caote_scores(attention, ctx.statistics[self.value_dev_statistic()])
 
+    def score_flat(self, batch: ReportBatch) -> np.ndarray:
+        attention = self.base.attention_like_flat(self.base.score_flat(batch), batch.layout)
+        return caote_scores_flat(attention, batch.values[self.value_dev_statistic()], batch.layout)
+
+    @property
+    def non_negative_scores(self) -> bool:
+        return True  # a_j >= 0 times a norm, or +inf
+
+    def rank_flat(self, batch: ReportBatch, ordered: bool) -> Ranking:
+        """CAOTE's ranking without computing the float64 scores of every token.
+
+        Within a row, caote_j = fl(fl(h_j / S) * d_j) (S the row's float64 sum) orders like the
+        exact product h_j * d_j, to a relative 2**-51; the keys are that product rounded to
+        float32 (relative error 2**-24), so keys more than 8 units in the last place apart order
+        like the scores (slack 8). That holds in rows where no token holds (nearly) all the
+        weight: there caote is +inf, or the row sums to 0 and the weights are uniform; a layer
+        with such a row (the row's sum within 2**-16 of its largest weight) is ranked by its exact
+        scores. The float64 scores of a layer are computed only where needed: by the exact
+        selection of such a layer or of a tied row, by the adaptive allocator near its threshold,
+        and for the metrics' evicted errors.
+        """
+        layout = batch.layout
+        attention = self.base.attention_like_flat(self.base.score_flat(batch), layout)
+        deviation = batch.values[self.value_dev_statistic()]
+
+        def exact(layer: int) -> np.ndarray:
+            return caote_scores(layout.layer(attention, layer), layout.layer(deviation, layer))
+
+        if not ordered:
+            return Ranking(layout, exact)
+        keys = np.multiply(attention, deviation, out=np.empty(layout.size, np.float32), casting="same_kind")
+        sums = np.empty(len(layout.lengths) * layout.heads, np.float64)
+        fast = [False] * len(layout.lengths)
+        for start, stop, rows in layout.grouped_rows(attention):
+            # Approximate sums, only compared with a margin and used to scale `approximate`:
+            # float32's pairwise sum is within (16 + log2 length) 2**-24 of the exact one.
+            row_sums = rows.sum(axis=-1)
+            sums[start * layout.heads:stop * layout.heads] = row_sums
+            spread = row_sums > rows.max(axis=-1) * (1.0 + 2.0**-16)
+            for layer in range(start, stop):
+                fast[layer] = bool(spread[(layer - start) * layout.heads:(layer - start + 1) * layout.heads].all())
+
+        def approximate() -> np.ndarray:
+            # keys / S: the keys' rounding, S's sum, 1 / S and the product (each 2**-24).
+            scaled = np.empty(layout.size, np.float32)
+            inverse = (1.0 / sums).astype(np.float32)
+            for start, stop, rows in layout.grouped_rows(keys):
+                np.multiply(rows, inverse[start * layout.heads:stop * layout.heads, None],
+                            out=layout.rows(scaled, start, stop))
+            return scaled
+
+        longest = max(layout.lengths, default=1)
+        sum_error = (16 + math.ceil(math.log2(max(longest, 2)))) * 2.0**-24
+        return Ranking(layout, exact, keys, fast, slack=8, approximate=approximate,
+                       approx_error=3 * 2.0**-24 + sum_error)
+
 
 @dataclass(frozen=True)
 class FastCAOTE(CAOTE):
@@ -119,6 +241,13 @@ class FastCAOTE(CAOTE):
     def score(self, ctx: LayerContext) -> np.ndarray:
         attention = self.base.attention_like(self.base.score(ctx))
         return fast_caote_scores(attention, ctx.statistics[self.value_dev_statistic()])
+
+    def score_flat(self, batch: ReportBatch) -> np.ndarray:
+        attention = self.base.attention_like_flat(self.base.score_flat(batch), batch.layout)
+        return fast_caote_scores_flat(attention, batch.values[self.value_dev_statistic()], batch.layout)
+
+    def rank_flat(self, batch: ReportBatch, ordered: bool) -> Ranking:
+        return Wrapper.rank_flat(self, batch, ordered)  # float64 scores, float32 keys (monotone)
 
 
 WRAPPERS: dict[str, type[Wrapper]] = {cls.name: cls for cls in (NoWrapper, CAOTE, FastCAOTE)}

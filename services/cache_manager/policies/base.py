@@ -4,12 +4,14 @@ score per cached token, shape (kv_heads, tokens), higher = keep."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
 
+from kvevict.cache_manager.batch import Layout
 from kvevict.cache_manager.statistics import VALUE_DEV_EXCLUDED, StatisticRequirement
 from kvevict.v1 import cache_manager_pb2 as pb
 
@@ -28,6 +30,28 @@ class LayerContext:
     accumulator: np.ndarray | None = None  # float32, this report already added (accumulating policies)
 
 
+@dataclass(frozen=True, eq=False)
+class ReportBatch:
+    """Every layer of one report at once, flat in `layout` (kvevict.cache_manager.batch): what
+    the batched decision path hands the policies. `contexts` are the same data per layer."""
+
+    layout: Layout
+    sequence: int
+    positions: np.ndarray  # int32 absolute positions of every cached token, new ones included
+    values: Mapping[StatisticRequirement, np.ndarray]  # float32
+    accumulator: np.ndarray | None = None  # float32, this report already added (accumulating policies)
+
+    @cached_property
+    def contexts(self) -> list[LayerContext]:
+        layout = self.layout
+        positions = layout.layers(self.positions)
+        values = {req: layout.layers(flat) for req, flat in self.values.items()}
+        accumulators = layout.layers(self.accumulator) if self.accumulator is not None else None
+        return [LayerContext(layer, self.sequence, positions[layer], {req: v[layer] for req, v in values.items()},
+                             None if accumulators is None else accumulators[layer])
+                for layer in range(len(layout.lengths))]
+
+
 @dataclass(frozen=True)
 class BasePolicy(ABC):
     """A base eviction policy (kvpress' ScorerPress shape: options as fields, one scoring method)."""
@@ -38,6 +62,9 @@ class BasePolicy(ABC):
     accumulates: ClassVar[bool] = False
     # Sink tokens protected when the request leaves sink_tokens unset.
     default_sink: ClassVar[int] = 0
+    # True when every score is >= 0 (no NaN) for valid statistics: selection may then rank the
+    # scores by their bit patterns (kvevict.cache_manager.selection.select_keep_flat).
+    non_negative_scores: ClassVar[bool] = True
 
     @classmethod
     def from_options(cls, *, window: int = 0, pool_kernel: int = 0, seed: int = 0) -> BasePolicy:
@@ -58,6 +85,29 @@ class BasePolicy(ABC):
     def attention_like(self, score: np.ndarray) -> np.ndarray:
         """A non-negative, monotone transform of `score` that CAOTE normalises into attention."""
         return score
+
+    def score_flat(self, batch: ReportBatch) -> np.ndarray:
+        """`score` of every layer at once, flat in `batch.layout` (the batched decision path).
+        This default scores layer by layer; policies whose score is elementwise or per row
+        override it with one computation over all layers, equal to `score` element for element."""
+        scores = [self.score(ctx) for ctx in batch.contexts]
+        return np.concatenate([score.ravel() for score in scores]) if scores else np.zeros(0)
+
+    def attention_like_flat(self, score: np.ndarray, layout: Layout) -> np.ndarray:
+        """`attention_like` of a flat score (as from score_flat), equal to it layer by layer."""
+        if type(self).attention_like is BasePolicy.attention_like:
+            return score
+        return np.concatenate([self.attention_like(layer).ravel() for layer in layout.layers(score)])
+
+    def accumulate_flat(self, previous: Sequence[np.ndarray], values: Mapping[StatisticRequirement, np.ndarray],
+                        layout: Layout) -> np.ndarray:
+        """`accumulate` of every layer at once: the new accumulators, flat in `layout`. `values`
+        are the report's own decoded buffers: an override may turn one into the result in place
+        (no other reader follows)."""
+        statistics = {req: layout.layers(flat) for req, flat in values.items()}
+        return np.concatenate([
+            self.accumulate(previous[layer], {req: v[layer] for req, v in statistics.items()}).ravel()
+            for layer in range(len(layout.lengths))])
 
     @abstractmethod
     def caote_reference(self) -> StatisticRequirement:

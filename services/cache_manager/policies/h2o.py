@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from kvevict.cache_manager.policies.base import BasePolicy, LayerContext, excluded_deviation
+from kvevict.cache_manager.batch import Layout, joined
+from kvevict.cache_manager.policies.base import BasePolicy, LayerContext, ReportBatch, excluded_deviation
 from kvevict.cache_manager.statistics import ATTN_SUM, StatisticRequirement
 from kvevict.v1 import cache_manager_pb2 as pb
 
@@ -33,9 +34,25 @@ class H2O(BasePolicy):
         total[:, : previous.shape[1]] += previous
         return total
 
+    def accumulate_flat(self, previous: Sequence[np.ndarray], values: Mapping[StatisticRequirement, np.ndarray],
+                        layout: Layout) -> np.ndarray:
+        # The decision owns the report's decoded buffers (fresh and writable): the attention
+        # becomes the accumulator in place.
+        total = values[_ATTN_SUM]
+        assert total.dtype == np.float32 and total.flags.writeable
+        for start, stop, rows in layout.grouped_rows(total, [p.shape[1] for p in previous]):
+            tracked = previous[start].shape[1]
+            if tracked:
+                rows[:, :tracked] += joined(previous[start:stop])
+        return total
+
     def score(self, ctx: LayerContext) -> np.ndarray:
         assert ctx.accumulator is not None, "the manager passes the accumulator to accumulating policies"
         return ctx.accumulator
+
+    def score_flat(self, batch: ReportBatch) -> np.ndarray:
+        assert batch.accumulator is not None, "the manager passes the accumulator to accumulating policies"
+        return batch.accumulator
 
     def caote_reference(self) -> StatisticRequirement:
         # The worker accumulates the same attention per cached token (kept tokens only, as here).

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvevict.cache_manager.errors import InvalidArgument
-from kvevict.cache_manager.policies.base import BasePolicy, LayerContext, excluded_deviation
+from kvevict.cache_manager.policies.base import BasePolicy, LayerContext, ReportBatch, excluded_deviation
 from kvevict.cache_manager.statistics import ATTN_WINDOW, StatisticRequirement
 from kvevict.v1 import cache_manager_pb2 as pb
 
@@ -29,6 +29,25 @@ def max_pool(scores: np.ndarray, kernel: int) -> np.ndarray:
     for shift in range(1, kernel):
         np.maximum(pooled, padded[..., shift : shift + length], out=pooled)
     return pooled
+
+
+def max_pool_rows(rows: np.ndarray, kernel: int) -> np.ndarray:
+    """max_pool of 2-D rows, equal to it, in ceil(log2 kernel) + 1 passes instead of kernel - 1:
+    maxima of windows of 1, 2, 4... tokens, then the kernel's window as the maximum of two of the
+    widest ones (overlapping)."""
+    if kernel == 1:
+        return rows
+    half = kernel // 2
+    length = rows.shape[-1]
+    padded = np.empty((rows.shape[0], length + 2 * half), dtype=rows.dtype)
+    padded[:, :half] = -np.inf
+    padded[:, length + half:] = -np.inf
+    padded[:, half:length + half] = rows
+    width, widest = 1, padded
+    while 2 * width <= kernel:  # widest[:, i] = max(padded[:, i : i + width])
+        widest = np.maximum(widest[:, :-width], widest[:, width:])
+        width *= 2
+    return np.maximum(widest[:, :length], widest[:, kernel - width:kernel - width + length])
 
 
 @dataclass(frozen=True)
@@ -55,6 +74,15 @@ class SnapKV(BasePolicy):
 
     def score(self, ctx: LayerContext) -> np.ndarray:
         return max_pool(ctx.statistics[StatisticRequirement(ATTN_WINDOW, self.window)], self.pool_kernel)
+
+    def score_flat(self, batch: ReportBatch) -> np.ndarray:
+        values = batch.values[StatisticRequirement(ATTN_WINDOW, self.window)]
+        if self.pool_kernel == 1:
+            return values
+        pooled = np.empty_like(values)
+        for start, stop, rows in batch.layout.grouped_rows(values):
+            batch.layout.rows(pooled, start, stop)[...] = max_pool_rows(rows, self.pool_kernel)
+        return pooled
 
     def caote_reference(self) -> StatisticRequirement:
         # The pooled window attention is the score CAOTE normalises: the worker pools the same way.

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvevict.cache_manager.policies.base import BasePolicy, LayerContext, excluded_deviation
+from kvevict.cache_manager.policies.base import BasePolicy, LayerContext, ReportBatch, excluded_deviation
 from kvevict.cache_manager.statistics import ATTN_WINDOW, StatisticRequirement
 from kvevict.v1 import cache_manager_pb2 as pb
 
@@ -28,6 +28,9 @@ class TOVA(BasePolicy):
 
     def score(self, ctx: LayerContext) -> np.ndarray:
         return last_query_attention(ctx)
+
+    def score_flat(self, batch: ReportBatch) -> np.ndarray:
+        return batch.values[_LAST_QUERY]
 
     def caote_reference(self) -> StatisticRequirement:
         # Same single query: CAOTE is then exactly the output change of evicting each token.

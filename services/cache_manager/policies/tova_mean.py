@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvevict.cache_manager.policies.base import LayerContext
+from kvevict.cache_manager.policies.base import BasePolicy, LayerContext, ReportBatch
 from kvevict.cache_manager.policies.tova import TOVA, last_query_attention
 
 
@@ -22,3 +22,6 @@ class TOVAMean(TOVA):
         # mean over every query head of the layer.
         attention = last_query_attention(ctx)
         return np.broadcast_to(attention.mean(axis=0, keepdims=True), attention.shape).copy()
+
+    def score_flat(self, batch: ReportBatch) -> np.ndarray:
+        return BasePolicy.score_flat(self, batch)  # per layer: not TOVA's elementwise score
