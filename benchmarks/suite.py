@@ -47,7 +47,7 @@ def planned_jobs(args: argparse.Namespace, prompts: list[dict]) -> list[tuple[Jo
         per_prompt = kvevict_jobs(tuple(args.kept))
     else:
         per_prompt = configured_jobs(args.methods, args.allocators, args.protocols, args.kept, args.sink,
-                                     full_cache=not args.skip_full_cache)
+                                     full_cache=not args.skip_full_cache, lookahead=args.lookahead)
     return shard(per_record(per_prompt, prompts), *args.shard)
 
 
@@ -128,6 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="no full-cache rows (another CSV of the same prompts has them)")
     runner.add_argument("--sink", type=int, default=None,
                         help="protect this many first tokens in every method (rows named '<method> (sink N)')")
+    runner.add_argument("--lookahead", type=int, default=0,
+                        help="decode this many pseudo tokens before each prefill decision and observe with their "
+                             "queries (rows named '<method> (lookahead N)')")
     runner.add_argument("--grid", action="store_true",
                         help="the grid's plan (kvevict.evaluation.suite_grid) instead of --methods/--protocols")
     runner.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",

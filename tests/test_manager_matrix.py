@@ -7,18 +7,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kvevict.cache_manager.errors import InvalidArgument
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
 from tests.test_manager_support import (
     assert_top_selection, open_request, reference_caote, reference_fast_caote, reference_max_pool, start,
 )
 
-BASES = ["h2o", "tova", "tova-mean", "snapkv", "keydiff", "streaming", "random", "valuenorm"]
+# The output-aware window policies score output errors themselves: CAOTE over them is refused.
+WINDOW_ERRORS = {"querycaote": pb.STATISTIC_QUERY_EVICT_ERROR, "obcv": pb.STATISTIC_QUERY_VALUE_ERROR,
+                 "obck": pb.STATISTIC_QUERY_KEY_ERROR, "obcvk": pb.STATISTIC_QUERY_KEY_VALUE_ERROR}
+BASES = ["h2o", "tova", "tova-mean", "snapkv", "keydiff", "streaming", "random", "valuenorm", *WINDOW_ERRORS]
 WRAPPERS = ["none", "caote", "fastcaote"]
 BUDGET = 24
 SINK = 2
-OPTIONS = {"snapkv": dict(window=4, pool_kernel=3), "random": dict(seed=7)}
-DEFAULT_RECENT = {"h2o": BUDGET // 2, "snapkv": 4}  # H2O: half the budget; SnapKV: its window
+OPTIONS = {"snapkv": dict(window=4, pool_kernel=3), "random": dict(seed=7),
+           **{base: dict(window=4, pool_kernel=3) for base in WINDOW_ERRORS}}
+# H2O: half the budget; SnapKV and the window policies: their window.
+DEFAULT_RECENT = {"h2o": BUDGET // 2, "snapkv": 4, **{base: 4 for base in WINDOW_ERRORS}}
 
 S = pb
 R = pb  # the references of value_dev_excluded
@@ -32,6 +38,7 @@ BASE_STATISTICS = {
     "streaming": [],
     "random": [],
     "valuenorm": [(S.STATISTIC_VALUE_DEV_MEAN, 0, 0, 0)],
+    **{base: [(statistic, 4, 0, 0)] for base, statistic in WINDOW_ERRORS.items()},
 }
 EXCLUDED = S.STATISTIC_VALUE_DEV_EXCLUDED
 # Each base's own score, as the weights of CAOTE's virtual query.
@@ -52,7 +59,7 @@ STEPS = [(20, pb.PHASE_PREFILL), (16, pb.PHASE_PREFILL), (4, pb.PHASE_DECODE), (
 
 
 def expected_statistics(base: str, wrapper: str) -> list[tuple[int, int, int, int]]:
-    extra = {"none": [], "caote": [CAOTE_REFERENCE[base]], "fastcaote": [MEAN_DEVIATION]}[wrapper]
+    extra = {"none": [], "caote": [CAOTE_REFERENCE.get(base)], "fastcaote": [MEAN_DEVIATION]}[wrapper]
     return BASE_STATISTICS[base] + [s for s in extra if s not in BASE_STATISTICS[base]]
 
 
@@ -76,6 +83,8 @@ def expected_scores(base, wrapper, stats, accumulated, positions, sequence, laye
         attention = score - score.min(axis=-1, keepdims=True) + 1.0
     elif base == "valuenorm":
         score = attention = stats[MEAN_DEVIATION]
+    elif base in WINDOW_ERRORS:  # the window's summed per-query errors, pooled as SnapKV pools
+        score = attention = reference_max_pool(stats[(WINDOW_ERRORS[base], 4, 0, 0)], 3)
     else:
         score = attention = np.random.default_rng([7, sequence, layer]).random(positions.shape)
     if wrapper == "none":
@@ -91,7 +100,13 @@ def expected_scores(base, wrapper, stats, accumulated, positions, sequence, laye
 @pytest.mark.parametrize("base", BASES)
 def test_kept_tokens_are_protected_plus_top_scored(base: str, wrapper: str, dtype: int) -> None:
     seed = BASES.index(base) * 100 + WRAPPERS.index(wrapper) * 10 + dtype
-    session = start(open_request(base, wrapper, BUDGET, sink=SINK, dtype=dtype, **OPTIONS.get(base, {})), seed)
+    request = open_request(base, wrapper, BUDGET, sink=SINK, dtype=dtype, **OPTIONS.get(base, {}))
+    if base in WINDOW_ERRORS and wrapper == "caote":
+        with pytest.raises(InvalidArgument, match="scores output errors itself") as refused:
+            start(request, seed)
+        assert refused.value.field == "policy.wrapper"
+        return
+    session = start(request, seed)
     opened = session.opened
     negotiated = [(s.statistic, s.window, s.reference, s.pool_kernel) for s in opened.statistics]
     assert negotiated == expected_statistics(base, wrapper)

@@ -41,6 +41,7 @@ class EvictionConfig:
     sink: int | None = None  # None: the policy's default
     recent: int | None = None
     label: str = ""
+    lookahead: int = 0  # pseudo tokens whose queries observe each prefill decision (0: none)
 
     @property
     def name(self) -> str:
@@ -55,7 +56,7 @@ class EvictionConfig:
         if self.recent is not None:
             policy.recent_tokens = self.recent
         return EvictionSettings(policy=policy, budget=pb.BudgetSpec(tokens=budget, allocator=self.allocator),
-                                block_size=block_size)
+                                block_size=block_size, lookahead=self.lookahead)
 
 
 FULL_CACHE = EvictionConfig(base=defaults.FULL_CACHE_BASE, label="full cache")

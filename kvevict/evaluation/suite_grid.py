@@ -65,14 +65,16 @@ class Job:
     kept: float
 
 
-def method_name(method: str, allocator: str, sink: int | None = None) -> str:
+def method_name(method: str, allocator: str, sink: int | None = None, lookahead: int = 0) -> str:
     name = method if allocator == "uniform" else f"{method} ({allocator})"
-    return name if sink is None else f"{name} (sink {sink})"
+    name = name if sink is None else f"{name} (sink {sink})"
+    return name if not lookahead else f"{name} (lookahead {lookahead})"
 
 
-def method_config(method: str, allocator: str = "uniform", sink: int | None = None) -> EvictionConfig:
+def method_config(method: str, allocator: str = "uniform", sink: int | None = None,
+                  lookahead: int = 0) -> EvictionConfig:
     base, wrapper = parse_policy(method, "--methods")
-    return EvictionConfig(base=base, wrapper=wrapper, allocator=allocator, sink=sink)
+    return EvictionConfig(base=base, wrapper=wrapper, allocator=allocator, sink=sink, lookahead=lookahead)
 
 
 def kvevict_jobs(kept: tuple[float, ...] = KEPT) -> list[Job]:

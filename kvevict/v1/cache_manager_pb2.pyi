@@ -16,6 +16,10 @@ class Statistic(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STATISTIC_VALUE_DEV_MEAN: _ClassVar[Statistic]
     STATISTIC_KEY_COSINE: _ClassVar[Statistic]
     STATISTIC_VALUE_DEV_EXCLUDED: _ClassVar[Statistic]
+    STATISTIC_QUERY_EVICT_ERROR: _ClassVar[Statistic]
+    STATISTIC_QUERY_VALUE_ERROR: _ClassVar[Statistic]
+    STATISTIC_QUERY_KEY_ERROR: _ClassVar[Statistic]
+    STATISTIC_QUERY_KEY_VALUE_ERROR: _ClassVar[Statistic]
 
 class Reference(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -38,6 +42,10 @@ STATISTIC_ATTN_WINDOW: Statistic
 STATISTIC_VALUE_DEV_MEAN: Statistic
 STATISTIC_KEY_COSINE: Statistic
 STATISTIC_VALUE_DEV_EXCLUDED: Statistic
+STATISTIC_QUERY_EVICT_ERROR: Statistic
+STATISTIC_QUERY_VALUE_ERROR: Statistic
+STATISTIC_QUERY_KEY_ERROR: Statistic
+STATISTIC_QUERY_KEY_VALUE_ERROR: Statistic
 REFERENCE_UNSPECIFIED: Reference
 REFERENCE_WINDOW_ATTENTION: Reference
 REFERENCE_ACCUMULATED_ATTENTION: Reference

@@ -14,9 +14,16 @@ ATTN_WINDOW = pb.STATISTIC_ATTN_WINDOW
 VALUE_DEV_MEAN = pb.STATISTIC_VALUE_DEV_MEAN
 KEY_COSINE = pb.STATISTIC_KEY_COSINE
 VALUE_DEV_EXCLUDED = pb.STATISTIC_VALUE_DEV_EXCLUDED
+# Per-query output errors over a window of queries (per-query CAOTE, OBCache's value, key and
+# key-value saliencies).
+QUERY_EVICT_ERROR = pb.STATISTIC_QUERY_EVICT_ERROR
+QUERY_VALUE_ERROR = pb.STATISTIC_QUERY_VALUE_ERROR
+QUERY_KEY_ERROR = pb.STATISTIC_QUERY_KEY_ERROR
+QUERY_KEY_VALUE_ERROR = pb.STATISTIC_QUERY_KEY_VALUE_ERROR
+QUERY_ERRORS = frozenset({QUERY_EVICT_ERROR, QUERY_VALUE_ERROR, QUERY_KEY_ERROR, QUERY_KEY_VALUE_ERROR})
 
-# Probabilities and norms: a negative value can only be a worker bug.
-NON_NEGATIVE = frozenset({ATTN_SUM, ATTN_WINDOW, VALUE_DEV_MEAN, VALUE_DEV_EXCLUDED})
+# Probabilities, norms and squared errors: a negative value can only be a worker bug.
+NON_NEGATIVE = frozenset({ATTN_SUM, ATTN_WINDOW, VALUE_DEV_MEAN, VALUE_DEV_EXCLUDED}) | QUERY_ERRORS
 
 # Element types a session may ask for; DTYPE_UNSPECIFIED chooses per statistic (wire_dtype).
 STATISTICS_DTYPES = (tensor_pb2.DTYPE_UNSPECIFIED, tensor_pb2.DTYPE_BFLOAT16, tensor_pb2.DTYPE_FLOAT16,
@@ -39,7 +46,8 @@ class StatisticRequirement:
         excluded = self.statistic == VALUE_DEV_EXCLUDED
         if excluded != (self.reference != pb.REFERENCE_UNSPECIFIED):
             raise ValueError(f"statistic {self.statistic} with reference {self.reference}")
-        windowed = self.statistic == ATTN_WINDOW or self.reference == pb.REFERENCE_WINDOW_ATTENTION
+        windowed = (self.statistic == ATTN_WINDOW or self.statistic in QUERY_ERRORS
+                    or self.reference == pb.REFERENCE_WINDOW_ATTENTION)
         if windowed != (self.window > 0):
             raise ValueError(f"{self.name}: window {self.window} does not fit the statistic")
         if (self.reference == pb.REFERENCE_WINDOW_ATTENTION) != (self.pool_kernel > 0):

@@ -119,31 +119,37 @@ def kvevict_attention(
         first = collector.first_needed_query(layer, q_len) if records else q_len
         out = _sdpa(query, key, value, visible, scaling, group, windowed=bool(sliding_window))
         if records:
-            probs = None if first == q_len else _probabilities(query[:, :, first:], key, visible[:, first:],
-                                                               num_kv_heads, scaling, None)
-            collector.record_attention(layer, probs, skipped=first, queries=q_len)
+            probs = logits = None
+            if first < q_len:
+                probs, logits = _probabilities(query[:, :, first:], key, visible[:, first:], num_kv_heads, scaling,
+                                               None)
+            collector.record_attention(layer, probs, skipped=first, queries=q_len, values=value[0],
+                                       logits=logits if collector.needs_logits else None)
         return out, None
 
     # Every query's probabilities are needed (sums, accumulated attention), or the logits are
     # soft-capped (Gemma 2: no SDPA kernel applies that): one float32 pass gives both.
-    probs = _probabilities(query, key, visible, num_kv_heads, scaling, softcap)
+    probs, logits = _probabilities(query, key, visible, num_kv_heads, scaling, softcap)
     out32 = torch.einsum("hgqk,hkd->hgqd", probs, value[0].float())
     if records:
-        collector.record_attention(layer, probs, skipped=0, queries=q_len)
+        collector.record_attention(layer, probs, skipped=0, queries=q_len, values=value[0],
+                                   logits=logits if collector.needs_logits else None)
     out = out32.to(query.dtype).reshape(1, num_query_heads, q_len, head_dim)
     return out.transpose(1, 2).contiguous(), None
 
 
 def _probabilities(query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor, num_kv_heads: int, scaling: float,
-                   softcap: float | None) -> torch.Tensor:
-    """float32 attention probabilities (Hkv, group, q, L) of `query` (1, Hq, q, d) over `key`."""
+                   softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 attention probabilities (Hkv, group, q, L) of `query` (1, Hq, q, d) over `key`,
+    and their logits (-inf where not visible)."""
     _, num_query_heads, q_len, head_dim = query.shape
     # Grouped layout (Hkv, group, q, d): the query heads of one KV head share its keys.
     q32 = query[0].float().view(num_kv_heads, num_query_heads // num_kv_heads, q_len, head_dim)
     scores = torch.einsum("hgqd,hkd->hgqk", q32, key[0].float()) * scaling
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    return torch.softmax(scores.masked_fill(~visible.unsqueeze(1), float("-inf")), dim=-1)
+    scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
+    return torch.softmax(scores, dim=-1), scores
 
 
 def _visibility(

@@ -55,6 +55,10 @@ class EvictionSettings:
     # keep masks apply at the end of the next one, so the manager's round trip hides behind the
     # model's forwards; the cache peaks at the budget plus two blocks instead of one.
     pipelined: bool = False
+    # Lookahead queries (Lookahead Q-Cache): before each prefill block's decision, decode this
+    # many pseudo tokens greedily on the current cache, take their queries as the observation
+    # window of the window statistics, then discard them (their keys and values included).
+    lookahead: int = 0
 
 
 @dataclass
@@ -124,6 +128,7 @@ class CacheSession:
         self._decode_steps = 0
         self._closed = False
         self._evicting = True
+        self._last_logits: torch.Tensor | None = None  # of the last forward's last position
 
     def _open(self) -> pb.OpenSessionResponse:
         try:
@@ -235,6 +240,7 @@ class CacheSession:
             **self.forward_kwargs(),
         )
         self.end_forward(token_ids.numel())
+        self._last_logits = output.logits[0, -1]
         return output.logits[0]
 
     def _track_kv(self, kv_bytes: int | None = None) -> None:
@@ -259,6 +265,30 @@ class CacheSession:
                    logits_to_keep=1, **{CAPTURE_KWARG: capture})
         self.collector.observers = ObserverQueries(capture)
 
+    @torch.inference_mode()
+    def _lookahead_queries(self, count: int) -> ObserverQueries:
+        """The queries of `count` pseudo tokens decoded greedily after what the cache holds, at
+        their true positions; the cache is left as it was (its tensors are only ever replaced)."""
+        cache = self.cache
+        saved = [(entry.keys, entry.values) for entry in cache.hf_cache.layers]
+        saved_positions, saved_seen = list(cache._positions), cache.tokens_seen
+        first = self._next_position
+        capture = QueryCapture(torch.arange(first, first + count, device=self.device), accumulate=True)
+        token = int(torch.argmax(self._last_logits))
+        try:
+            for step in range(count):
+                position = torch.tensor([first + step], device=self.device)
+                cache.append_positions(position)
+                output = self.model(input_ids=torch.tensor([[token]], device=self.device), position_ids=position[None],
+                                    past_key_values=cache.hf_cache, use_cache=True, logits_to_keep=1,
+                                    **{CAPTURE_KWARG: capture})
+                token = int(torch.argmax(output.logits[0, -1]))
+        finally:
+            for entry, (keys, values) in zip(cache.hf_cache.layers, saved):
+                entry.keys, entry.values = keys, values
+            cache._positions, cache.tokens_seen = saved_positions, saved_seen
+        return ObserverQueries(capture)
+
     def stop_evicting(self) -> None:
         """No more reports: what is cached stays, what comes is appended (e.g. a question read
         after its context was evicted, as kvpress's protocol does). A pipelined decision still
@@ -280,7 +310,14 @@ class CacheSession:
         over_budget = any(self.cache.length(layer) - unseen[layer] > budget
                           for layer, budget in enumerate(self.layer_budgets))
         if self._evicting and (self.report_every_block or over_budget):
-            request = self._build_report(phase, unseen)
+            lookahead = self.settings.lookahead and phase == pb.PHASE_PREFILL and self.collector.observers is None
+            if lookahead:
+                self.collector.observers = self._lookahead_queries(self.settings.lookahead)
+            try:
+                request = self._build_report(phase, unseen)
+            finally:
+                if lookahead:
+                    self.collector.observers = None
             self._pending_positions.clear()
             if self._decisions is None:
                 self._apply(self._decide(request, self._cached_positions(request)), unseen)

@@ -31,14 +31,19 @@ class QueryCapture:
 
     positions: torch.Tensor
     layers: dict[int, LayerQueries] = field(default_factory=dict)
+    # Several forwards (lookahead: one token each) append their queries instead of replacing them.
+    accumulate: bool = False
 
     def record(self, layer: int, query: torch.Tensor, num_kv_heads: int, scaling: float,
                softcap: float | None, sliding_window: int | None) -> None:
         """query (1, Hq, m, d) as attention receives it."""
         _, num_query_heads, m, head_dim = query.shape
         grouped = query[0].float().reshape(num_kv_heads, num_query_heads // num_kv_heads, m, head_dim)
-        self.layers[layer] = LayerQueries(grouped, self.positions.to(query.device), scaling, softcap,
-                                          sliding_window or 0)
+        previous = self.layers.get(layer) if self.accumulate else None
+        if previous is not None:
+            grouped = torch.cat([previous.queries, grouped], dim=2)
+        self.layers[layer] = LayerQueries(grouped, self.positions[: grouped.shape[2]].to(query.device), scaling,
+                                          softcap, sliding_window or 0)
 
 
 class ObserverQueries:
@@ -50,6 +55,12 @@ class ObserverQueries:
     def attention(self, layer: int, keys: torch.Tensor, key_positions: torch.Tensor, window: int) -> torch.Tensor:
         """Attention (Hkv, L) of the last `window` observers over `keys` (Hkv, L, d) float32 at
         `key_positions` (Hkv, L), summed over them (as ATTN_WINDOW sums its window's queries)."""
+        probs, _ = self.probabilities(layer, keys, key_positions, window)
+        return probs.mean(dim=1).sum(dim=1)
+
+    def probabilities(self, layer: int, keys: torch.Tensor, key_positions: torch.Tensor,
+                      window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per query head (Hkv, g, m, L): the last `window` observers' probabilities and logits."""
         observed = self.layers[layer]
         queries, positions = observed.queries[:, :, -window:], observed.positions[-window:]
         scores = torch.einsum("hgqd,hkd->hgqk", queries, keys) * observed.scaling
@@ -59,4 +70,4 @@ class ObserverQueries:
             seen = key_positions.to(keys.device)[:, None, :] > positions[None, :, None] - observed.window
             scores = scores.masked_fill(~seen[:, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row seeing nothing weighs nothing
-        return probs.mean(dim=1).sum(dim=1)
+        return probs, scores

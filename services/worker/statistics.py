@@ -21,11 +21,15 @@ from kvevict import wire
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
 from kvevict.worker.observers import ObserverQueries
+from kvevict.worker.query_errors import query_errors
 from kvevict.worker.reference import excluded_deviation, key_cosine, mean_deviation, reference_weights
 
 _FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 # References whose weights come from attention probabilities.
 _ATTENTION_REFERENCES = {pb.REFERENCE_WINDOW_ATTENTION, pb.REFERENCE_ACCUMULATED_ATTENTION}
+# Per-query output errors over a window (kvevict.worker.query_errors).
+QUERY_ERRORS = (pb.STATISTIC_QUERY_EVICT_ERROR, pb.STATISTIC_QUERY_VALUE_ERROR, pb.STATISTIC_QUERY_KEY_ERROR,
+                pb.STATISTIC_QUERY_KEY_VALUE_ERROR)
 
 
 @dataclass(frozen=True)
@@ -50,13 +54,14 @@ class Requirement:
 
     @property
     def needs_attention(self) -> bool:
-        return self.statistic in (pb.STATISTIC_ATTN_SUM, pb.STATISTIC_ATTN_WINDOW) or (
+        return self.statistic in (pb.STATISTIC_ATTN_SUM, pb.STATISTIC_ATTN_WINDOW, *QUERY_ERRORS) or (
             self.statistic == pb.STATISTIC_VALUE_DEV_EXCLUDED and self.reference in _ATTENTION_REFERENCES)
 
     @property
     def attention_window(self) -> int:
-        """The query window this statistic needs summed attention over (0: none)."""
-        windowed = self.statistic == pb.STATISTIC_ATTN_WINDOW or self.reference == pb.REFERENCE_WINDOW_ATTENTION
+        """The query window this statistic needs (summed attention or output errors) over (0: none)."""
+        windowed = (self.statistic in (pb.STATISTIC_ATTN_WINDOW, *QUERY_ERRORS)
+                    or self.reference == pb.REFERENCE_WINDOW_ATTENTION)
         return self.window if windowed else 0
 
 
@@ -64,6 +69,7 @@ class Requirement:
 class _LayerAccumulators:
     attn_sum: torch.Tensor | None = None  # (Hkv, L)
     attn_window: dict[int, torch.Tensor] = field(default_factory=dict)  # window -> (Hkv, L)
+    query_errors: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (statistic, window) -> (Hkv, L)
     # Attention accumulated over the session, never reset, for the tokens still cached at the
     # last forward, with their absolute positions to realign it after evictions.
     accumulated: torch.Tensor | None = None  # (Hkv, L)
@@ -80,6 +86,9 @@ class StatisticsCollector:
         self._windows = sorted({r.attention_window for r in self.requirements} - {0})
         self._wants_sum = any(r.statistic == pb.STATISTIC_ATTN_SUM for r in self.requirements)
         self._wants_accumulated = any(r.reference == pb.REFERENCE_ACCUMULATED_ATTENTION for r in self.requirements)
+        self._query_errors = sorted({(r.statistic, r.window) for r in self.requirements if r.statistic in QUERY_ERRORS})
+        # The key error needs each query's logits beside its probabilities.
+        self.needs_logits = any(statistic == pb.STATISTIC_QUERY_KEY_ERROR for statistic, _ in self._query_errors)
         self._layers = [_LayerAccumulators() for _ in range(num_layers)]
         # When set, window statistics are the observers' attention instead of the period's last queries.
         self.observers: ObserverQueries | None = None
@@ -93,6 +102,7 @@ class StatisticsCollector:
         for acc in self._layers:
             acc.attn_sum = None
             acc.attn_window.clear()
+            acc.query_errors.clear()
 
     @property
     def needs_every_query(self) -> bool:
@@ -110,9 +120,12 @@ class StatisticsCollector:
         return min([q_len] + [max(self._period_length - window - first, 0) for window in self._windows])
 
     def record_attention(self, layer: int, probs: torch.Tensor | None, skipped: int = 0,
-                         queries: int | None = None) -> None:
+                         queries: int | None = None, values: torch.Tensor | None = None,
+                         logits: torch.Tensor | None = None) -> None:
         """Takes one layer's float32 probabilities (Hkv, g, q, L) over its current cache, of the
-        forward's `queries` queries but the `skipped` first (first_needed_query; None: none)."""
+        forward's `queries` queries but the `skipped` first (first_needed_query; None: none);
+        with output errors to measure, the layer's values (Hkv, L, d) and, for the key error,
+        the probabilities' logits."""
         q_len = queries if queries is not None else skipped + probs.shape[2]
         first = self._queries_seen[layer] + skipped
         self._queries_seen[layer] += q_len
@@ -132,6 +145,14 @@ class StatisticsCollector:
             if start >= q_len:
                 continue
             acc.attn_window[window] = _grow_add(acc.attn_window.get(window), group_probs[:, start:].sum(dim=1))
+        for statistic, window in self._query_errors:
+            start = max(self._period_length - window - first, 0)
+            if start >= q_len:
+                continue
+            errors = query_errors(statistic, probs[:, :, start:], values,
+                                  None if logits is None else logits[:, :, start:])
+            key = (statistic, window)
+            acc.query_errors[key] = _grow_add(acc.query_errors.get(key), errors)
 
     def columns_kept(self, layer: int, index: torch.Tensor, length: int, positions: torch.Tensor) -> None:
         """The cache of `layer` ({length} tokens) kept columns `index` (Hkv, K) at `positions`:
@@ -146,6 +167,7 @@ class StatisticsCollector:
 
         acc.attn_sum = follow(acc.attn_sum)
         acc.attn_window = {window: follow(total) for window, total in acc.attn_window.items()}
+        acc.query_errors = {key: follow(total) for key, total in acc.query_errors.items()}
         if acc.accumulated is not None:  # it covers every token cached at the last forward, by position
             positions = positions.to(acc.accumulated.device).contiguous()
             acc.accumulated = acc.accumulated.gather(1, torch.searchsorted(acc.accumulated_positions, positions))
@@ -192,6 +214,12 @@ class StatisticsCollector:
                 results.append(visible(acc.attn_sum))
             elif req.statistic == pb.STATISTIC_ATTN_WINDOW:
                 results.append(window_attention(req.window))
+            elif req.statistic in QUERY_ERRORS:
+                if self.observers is not None:  # the window is the observers' queries, on this cache
+                    probs, logits = self.observers.probabilities(layer, k32, positions, req.window)
+                    results.append(query_errors(req.statistic, probs, v32, logits))
+                else:
+                    results.append(visible(acc.query_errors.get((req.statistic, req.window))))
             elif req.statistic == pb.STATISTIC_VALUE_DEV_MEAN:
                 results.append(mean_deviation(v32))
             elif req.statistic == pb.STATISTIC_KEY_COSINE:
