@@ -65,6 +65,10 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                         help="decide each report while the next block runs (its keep masks apply one block "
                              "late: the cache peaks at the budget plus two blocks) [KVEVICT_PIPELINED for worker "
                              "serve, default off]")
+    parser.add_argument("--lookahead", type=int, default=None,
+                        help="before each prefill decision, decode this many pseudo tokens greedily and observe "
+                             "with their queries (window policies; Lookahead Q-Cache) [KVEVICT_LOOKAHEAD for worker "
+                             "serve, default 0]")
 
 
 def policy_names(args: argparse.Namespace) -> tuple[str, str]:

@@ -11,7 +11,8 @@ from kvevict.cache_manager.statistics import VALUE_DEV_MEAN, StatisticRequiremen
 from kvevict.cache_manager.wrappers import WRAPPERS
 
 # Budget-dependent defaults, in words (the values come from BasePolicy.default_recent).
-_RECENT_DEFAULT = {"h2o": "budget // 2", "snapkv": "min(window, budget // 2)"}
+_RECENT_DEFAULT = {"h2o": "budget // 2",
+                   **{name: "min(window, budget // 2)" for name in ("snapkv", "querycaote", "obcv", "obck", "obcvk")}}
 
 
 @dataclass(frozen=True)

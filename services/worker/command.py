@@ -95,6 +95,17 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     add_eviction_flags(group)
 
 
+def _lookahead(args: argparse.Namespace) -> int:
+    raw = args.lookahead if args.lookahead is not None else os.environ.get("KVEVICT_LOOKAHEAD") or 0
+    try:
+        count = int(raw)
+    except ValueError:
+        raise ValueError(f"--lookahead (KVEVICT_LOOKAHEAD): a number of tokens, got {raw!r}") from None
+    if count < 0:
+        raise ValueError(f"--lookahead must be >= 0, got {count}")
+    return count
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -115,7 +126,8 @@ def run_serve(args: argparse.Namespace) -> int:
                                   block_size=args.block_size or defaults.BLOCK_SIZE,
                                   statistics_dtype=statistics_dtype(args), fail_open=fail_open,
                                   pipelined=args.pipelined if args.pipelined is not None
-                                  else env_flag(os.environ.get("KVEVICT_PIPELINED") or "false")),
+                                  else env_flag(os.environ.get("KVEVICT_PIPELINED") or "false"),
+                                  lookahead=_lookahead(args)),
         limits=Limits(default_max_new_tokens=args.default_max_new_tokens,
                       max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_tokens=args.max_prompt_tokens),
         max_queue=args.max_queue, max_message_bytes=int(args.max_message_mb * 2**20), grace_s=args.grace,

@@ -133,8 +133,15 @@ def _settings(args: argparse.Namespace, request, geometry: pb.ModelGeometry,
                                     block_size=_block_size(args), statistics_dtype=statistics_dtype(args))
     else:
         eviction = EvictionDefaults(policy=policy_spec(args), budget=budget_spec(args), block_size=_block_size(args),
-                                    statistics_dtype=statistics_dtype(args), pipelined=bool(args.pipelined))
+                                    statistics_dtype=statistics_dtype(args), pipelined=bool(args.pipelined),
+                                    lookahead=_lookahead(args))
     return eviction_settings(request, eviction, geometry, sampling_seed=getattr(args, "seed", 0))
+
+
+def _lookahead(args: argparse.Namespace) -> int:
+    if (args.lookahead or 0) < 0:
+        raise ValueError(f"--lookahead must be >= 0, got {args.lookahead}")
+    return args.lookahead or 0
 
 
 def _block_size(args: argparse.Namespace) -> int:

@@ -63,6 +63,7 @@ class EvictionDefaults:
     statistics_dtype: int = 0  # 0 = the manager's choice per statistic (bfloat16 / float16)
     fail_open: bool = True
     pipelined: bool = False  # EvictionSettings.pipelined
+    lookahead: int = 0  # EvictionSettings.lookahead
 
 
 def eos_token_ids(tokenizer, model) -> set[int]:
@@ -152,7 +153,7 @@ def eviction_settings(request_message, defaults: EvictionDefaults, geometry: pb.
         policy.seed = sampling_seed
     settings = EvictionSettings(policy=policy, budget=budget, block_size=block_size,
                                 statistics_dtype=defaults.statistics_dtype, fail_open=defaults.fail_open,
-                                pipelined=defaults.pipelined)
+                                pipelined=defaults.pipelined, lookahead=defaults.lookahead)
     try:
         settings_from_request(pb.OpenSessionRequest(geometry=geometry, policy=policy, budget=budget,
                                                     block_size=block_size,
