@@ -16,7 +16,8 @@ from tests.test_manager_support import (
 
 # The output-aware window policies score output errors themselves: CAOTE over them is refused.
 WINDOW_ERRORS = {"querycaote": pb.STATISTIC_QUERY_EVICT_ERROR, "obcv": pb.STATISTIC_QUERY_VALUE_ERROR,
-                 "obck": pb.STATISTIC_QUERY_KEY_ERROR, "obcvk": pb.STATISTIC_QUERY_KEY_VALUE_ERROR}
+                 "obck": pb.STATISTIC_QUERY_KEY_ERROR, "obcvk": pb.STATISTIC_QUERY_KEY_VALUE_ERROR,
+                 "laprox": pb.STATISTIC_QUERY_PROJECTED_ERROR}
 BASES = ["h2o", "tova", "tova-mean", "snapkv", "keydiff", "streaming", "random", "valuenorm", *WINDOW_ERRORS]
 WRAPPERS = ["none", "caote", "fastcaote"]
 BUDGET = 24

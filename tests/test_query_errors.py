@@ -125,3 +125,51 @@ def test_the_collector_sums_the_errors_of_the_periods_last_window_queries():
     keys = torch.randn(1, HEADS, TOKENS, DIM)
     got = collector.layer_statistics(0, keys, values[None])[0]
     torch.testing.assert_close(got, query_errors(pb.STATISTIC_QUERY_EVICT_ERROR, probs[:, :, 2:], values))
+
+
+@pytest.mark.parametrize("seed,extreme", [(0, False), (6, True)])
+def test_the_projected_error_is_the_change_of_the_layers_output_after_w_o(seed, extreme):
+    """Evicting token j from one KV head changes the outputs of its group's query heads; through
+    W_O their changes add up in the layer's output. Brute force: remove it, renormalise, project."""
+    from kvevict.worker.query_errors import projected_errors, projected_gram, projection_slices
+
+    logits, probs, values = _case(seed, extreme=extreme)
+    d_model = 12
+    weight = torch.randn(d_model, HEADS * GROUP * DIM, generator=torch.Generator().manual_seed(seed + 100),
+                         dtype=torch.float64)  # W_O: (d_model, Hq * d), query heads in order
+    slices = weight.t().reshape(HEADS, GROUP, DIM, d_model)
+    expected = torch.zeros(HEADS, TOKENS, dtype=torch.float64)
+    base = _output(probs, values)  # (Hkv, g, q, d)
+    for h in range(HEADS):
+        for j in range(TOKENS):
+            weights = probs.clone()
+            weights[h, :, :, j] = 0.0
+            change = _output(weights, values)[h] - base[h]  # (g, q, d)
+            projected = torch.einsum("gdm,gqd->qm", slices[h], change)
+            expected[h, j] = projected.square().sum()
+    got = projected_errors(probs, values, projected_gram(weight, HEADS, DIM), projection_slices(weight, HEADS, DIM))
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-12)
+    got32 = projected_errors(probs.float(), values.float(), projected_gram(weight, HEADS, DIM),
+                             projection_slices(weight, HEADS, DIM))
+    torch.testing.assert_close(got32.double(), expected, rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gpt_neox"])
+def test_w_o_slices_are_what_each_query_heads_output_goes_through(arch):
+    """The slices sum to the module's own output projection of the concatenated heads."""
+    from transformers import AutoModelForCausalLM
+
+    from kvevict.worker.query_errors import output_projection, projection_slices
+    from tests.tiny_models import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    attention = next(m for name, m in model.named_modules() if type(m).__name__.endswith("Attention"))
+    layer = next(getattr(attention, n) for n in ("o_proj", "out_proj", "dense", "c_proj") if hasattr(attention, n))
+    heads, head_dim = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
+    kv_heads = getattr(model.config, "num_key_value_heads", None) or heads
+    outputs = torch.randn(heads, head_dim, generator=torch.Generator().manual_seed(0))
+    slices = projection_slices(output_projection(attention).detach(), kv_heads, head_dim)
+    mine = torch.einsum("hgdm,hgd->m", slices, outputs.reshape(kv_heads, heads // kv_heads, head_dim))
+    bias = getattr(layer, "bias", None)
+    theirs = layer(outputs.reshape(1, -1)).detach()[0] - (0 if bias is None else bias.detach())
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)

@@ -20,6 +20,7 @@ class Statistic(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STATISTIC_QUERY_VALUE_ERROR: _ClassVar[Statistic]
     STATISTIC_QUERY_KEY_ERROR: _ClassVar[Statistic]
     STATISTIC_QUERY_KEY_VALUE_ERROR: _ClassVar[Statistic]
+    STATISTIC_QUERY_PROJECTED_ERROR: _ClassVar[Statistic]
 
 class Reference(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -46,6 +47,7 @@ STATISTIC_QUERY_EVICT_ERROR: Statistic
 STATISTIC_QUERY_VALUE_ERROR: Statistic
 STATISTIC_QUERY_KEY_ERROR: Statistic
 STATISTIC_QUERY_KEY_VALUE_ERROR: Statistic
+STATISTIC_QUERY_PROJECTED_ERROR: Statistic
 REFERENCE_UNSPECIFIED: Reference
 REFERENCE_WINDOW_ATTENTION: Reference
 REFERENCE_ACCUMULATED_ATTENTION: Reference

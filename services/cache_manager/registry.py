@@ -12,7 +12,7 @@ from kvevict.cache_manager.wrappers import WRAPPERS
 
 # Budget-dependent defaults, in words (the values come from BasePolicy.default_recent).
 _RECENT_DEFAULT = {"h2o": "budget // 2",
-                   **{name: "min(window, budget // 2)" for name in ("snapkv", "querycaote", "obcv", "obck", "obcvk")}}
+                   **{name: "min(window, budget // 2)" for name in ("snapkv", "querycaote", "obcv", "obck", "obcvk", "laprox")}}
 
 
 @dataclass(frozen=True)

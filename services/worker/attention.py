@@ -124,7 +124,7 @@ def kvevict_attention(
                 probs, logits = _probabilities(query[:, :, first:], key, visible[:, first:], num_kv_heads, scaling,
                                                None)
             collector.record_attention(layer, probs, skipped=first, queries=q_len, values=value[0],
-                                       logits=logits if collector.needs_logits else None)
+                                       logits=logits if collector.needs_logits else None, module=module)
         return out, None
 
     # Every query's probabilities are needed (sums, accumulated attention), or the logits are
@@ -133,7 +133,7 @@ def kvevict_attention(
     out32 = torch.einsum("hgqk,hkd->hgqd", probs, value[0].float())
     if records:
         collector.record_attention(layer, probs, skipped=0, queries=q_len, values=value[0],
-                                   logits=logits if collector.needs_logits else None)
+                                   logits=logits if collector.needs_logits else None, module=module)
     out = out32.to(query.dtype).reshape(1, num_query_heads, q_len, head_dim)
     return out.transpose(1, 2).contiguous(), None
 

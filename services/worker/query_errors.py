@@ -70,3 +70,70 @@ def _evict_errors(probs: torch.Tensor, values: torch.Tensor, deviation: torch.Te
     top_values = values[torch.arange(heads)[:, None, None], top[..., 0]]  # (Hkv, g, q, d)
     top_error = probs.gather(-1, top).square()[..., 0] * (top_values - rest_outputs).square().sum(dim=-1)
     return errors.scatter(-1, top, top_error[..., None])
+
+
+def output_projection(module: torch.nn.Module) -> torch.Tensor:
+    """The attention module's output projection W_O as (d_model, Hq * d): o_proj (Llama family),
+    out_proj (OPT), dense (GPT-NeoX), c_proj (GPT-2's Conv1D, stored transposed)."""
+    for name in ("o_proj", "out_proj", "dense", "c_proj"):
+        layer = getattr(module, name, None)
+        if layer is not None:
+            weight = layer.weight
+            return weight.t() if type(layer).__name__ == "Conv1D" else weight
+    raise ValueError(f"{type(module).__name__} has no output projection kvevict knows (o_proj, out_proj, dense, "
+                     "c_proj): the projected error cannot be measured")
+
+
+def projected_gram(weight: torch.Tensor, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """G[h, a, b] = W_a^T W_b (Hkv, g, g, d, d) float32 for the query heads a, b of KV head h,
+    W_a the (d_model, d) slice of W_O that head a's output goes through."""
+    slices = weight.float().t().reshape(-1, head_dim, weight.shape[0])  # (Hq, d, d_model)
+    group = slices.shape[0] // num_kv_heads
+    slices = slices.reshape(num_kv_heads, group, head_dim, -1)
+    return torch.einsum("hadm,hbem->habde", slices, slices)
+
+
+def projected_errors(probs: torch.Tensor, values: torch.Tensor, gram: torch.Tensor,
+                     slices: torch.Tensor) -> torch.Tensor:
+    """LaProx-style: per KV head and token j, the squared change of the layer's output after W_O
+    when j is evicted from that head (all its query heads together: their changes interact
+    through W_O), summed over the queries. probs (Hkv, g, q, L), values (Hkv, L, d), gram from
+    projected_gram, slices (Hkv, g, d, d_model) the heads' W_O slices (for the exact top tokens).
+
+    The change of query head a is -p_a (v_j - o_{a,-j}) = -c_a (v_j - o_a), c = p / (1 - p); the
+    squared norm of sum_a W_a c_a (v_j - o_a) expands into Gram terms. A row's heaviest token (p
+    near 1: c and v_j - o_a are ill-conditioned) is recomputed exactly from the other tokens."""
+    values = values.to(probs.dtype)
+    gram = gram.to(probs.dtype)
+    outputs = torch.einsum("hgql,hld->hgqd", probs, values)  # (Hkv, g, q, d)
+    c = probs / (1.0 - probs).clamp_min(0.5)
+    vgv = torch.einsum("hld,habde,hle->habl", values, gram, values)  # v^T G_ab v
+    vgo = torch.einsum("hld,habde,hbqe->habql", values, gram, outputs)  # v^T G_ab o_b
+    ogo = torch.einsum("haqd,habde,hbqe->habq", outputs, gram, outputs)  # o_a^T G_ab o_b
+    terms = vgv[:, :, :, None, :] - vgo - vgo.transpose(1, 2) + ogo[..., None]
+    errors = torch.einsum("haql,hbql,habql->hql", c, c, terms).clamp_min(0.0)
+    # Each query head's heaviest token (the only one that may weigh more than 1/2), exactly: for
+    # every KV head, query and candidate k (head k's top token j_k), each head a's change there.
+    top = probs.argmax(dim=-1)  # (Hkv, g, q)
+    candidates = values.gather(1, top.flatten(1)[..., None].expand(-1, -1, values.shape[-1]))
+    candidates = candidates.view(*top.shape, -1)  # (Hkv, k, q, d): v_{j_k}
+    index = top.transpose(1, 2)[:, None].expand(-1, probs.shape[1], -1, -1)  # (Hkv, a, q, k): j_k
+    weight_at = probs.gather(-1, index).permute(0, 1, 3, 2)  # (Hkv, a, k, q): p_a at j_k
+    rest = probs.scatter(-1, top[..., None], 0.0)
+    rest_total = rest.sum(dim=-1, keepdim=True)
+    rest = torch.where(rest_total > 0, rest, torch.ones_like(rest).scatter(-1, top[..., None], 0.0))
+    rest_outputs = torch.einsum("hgql,hld->hgqd", rest / rest.sum(dim=-1, keepdim=True), values)  # o_{a,-top_a}
+    same = top[:, :, None, :] == top[:, None, :, :]  # (Hkv, a, k, q): j_k is head a's own top
+    regular = (candidates[:, None] - outputs[:, :, None]) / (1.0 - weight_at).clamp_min(0.5)[..., None]
+    own = candidates[:, None] - rest_outputs[:, :, None]
+    changes = weight_at[..., None] * torch.where(same[..., None], own, regular)  # (Hkv, a, k, q, d)
+    projected = torch.einsum("hadm,hakqd->hkqm", slices.to(probs.dtype), changes)
+    exact = projected.square().sum(dim=-1)  # (Hkv, k, q)
+    errors = errors.scatter(-1, top.transpose(1, 2).contiguous(), exact.transpose(1, 2).contiguous())
+    return errors.sum(dim=1)
+
+
+def projection_slices(weight: torch.Tensor, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """W_O's per query head slices as (Hkv, g, d, d_model) float32."""
+    slices = weight.float().t().reshape(-1, head_dim, weight.shape[0])
+    return slices.reshape(num_kv_heads, slices.shape[0] // num_kv_heads, head_dim, -1)

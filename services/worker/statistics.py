@@ -21,7 +21,8 @@ from kvevict import wire
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
 from kvevict.worker.observers import ObserverQueries
-from kvevict.worker.query_errors import query_errors
+from kvevict.worker.query_errors import (output_projection, projected_errors, projected_gram, projection_slices,
+                                         query_errors)
 from kvevict.worker.reference import excluded_deviation, key_cosine, mean_deviation, reference_weights
 
 _FLOAT16_MAX = float(torch.finfo(torch.float16).max)
@@ -29,7 +30,7 @@ _FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 _ATTENTION_REFERENCES = {pb.REFERENCE_WINDOW_ATTENTION, pb.REFERENCE_ACCUMULATED_ATTENTION}
 # Per-query output errors over a window (kvevict.worker.query_errors).
 QUERY_ERRORS = (pb.STATISTIC_QUERY_EVICT_ERROR, pb.STATISTIC_QUERY_VALUE_ERROR, pb.STATISTIC_QUERY_KEY_ERROR,
-                pb.STATISTIC_QUERY_KEY_VALUE_ERROR)
+                pb.STATISTIC_QUERY_KEY_VALUE_ERROR, pb.STATISTIC_QUERY_PROJECTED_ERROR)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,9 @@ class StatisticsCollector:
         self._query_errors = sorted({(r.statistic, r.window) for r in self.requirements if r.statistic in QUERY_ERRORS})
         # The key error needs each query's logits beside its probabilities.
         self.needs_logits = any(statistic == pb.STATISTIC_QUERY_KEY_ERROR for statistic, _ in self._query_errors)
+        # LaProx's projected error: each layer's W_O Gram matrices and slices, from its attention module.
+        self._needs_projection = any(s == pb.STATISTIC_QUERY_PROJECTED_ERROR for s, _ in self._query_errors)
+        self._projections: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._layers = [_LayerAccumulators() for _ in range(num_layers)]
         # When set, window statistics are the observers' attention instead of the period's last queries.
         self.observers: ObserverQueries | None = None
@@ -121,11 +125,16 @@ class StatisticsCollector:
 
     def record_attention(self, layer: int, probs: torch.Tensor | None, skipped: int = 0,
                          queries: int | None = None, values: torch.Tensor | None = None,
-                         logits: torch.Tensor | None = None) -> None:
+                         logits: torch.Tensor | None = None, module: torch.nn.Module | None = None) -> None:
         """Takes one layer's float32 probabilities (Hkv, g, q, L) over its current cache, of the
         forward's `queries` queries but the `skipped` first (first_needed_query; None: none);
         with output errors to measure, the layer's values (Hkv, L, d) and, for the key error,
         the probabilities' logits."""
+        if self._needs_projection and layer not in self._projections and module is not None and values is not None:
+            weight = output_projection(module).detach()
+            heads, head_dim = values.shape[0], values.shape[-1]
+            self._projections[layer] = (projected_gram(weight, heads, head_dim),
+                                        projection_slices(weight, heads, head_dim))
         q_len = queries if queries is not None else skipped + probs.shape[2]
         first = self._queries_seen[layer] + skipped
         self._queries_seen[layer] += q_len
@@ -149,10 +158,17 @@ class StatisticsCollector:
             start = max(self._period_length - window - first, 0)
             if start >= q_len:
                 continue
-            errors = query_errors(statistic, probs[:, :, start:], values,
+            errors = self._errors(layer, statistic, probs[:, :, start:], values,
                                   None if logits is None else logits[:, :, start:])
             key = (statistic, window)
             acc.query_errors[key] = _grow_add(acc.query_errors.get(key), errors)
+
+    def _errors(self, layer: int, statistic: int, probs: torch.Tensor, values: torch.Tensor,
+                logits: torch.Tensor | None) -> torch.Tensor:
+        if statistic == pb.STATISTIC_QUERY_PROJECTED_ERROR:
+            gram, slices = self._projections[layer]
+            return projected_errors(probs, values, gram.to(probs.device), slices.to(probs.device))
+        return query_errors(statistic, probs, values, logits)
 
     def columns_kept(self, layer: int, index: torch.Tensor, length: int, positions: torch.Tensor) -> None:
         """The cache of `layer` ({length} tokens) kept columns `index` (Hkv, K) at `positions`:
@@ -217,7 +233,7 @@ class StatisticsCollector:
             elif req.statistic in QUERY_ERRORS:
                 if self.observers is not None:  # the window is the observers' queries, on this cache
                     probs, logits = self.observers.probabilities(layer, k32, positions, req.window)
-                    results.append(query_errors(req.statistic, probs, v32, logits))
+                    results.append(self._errors(layer, req.statistic, probs, v32, logits))
                 else:
                     results.append(visible(acc.query_errors.get((req.statistic, req.window))))
             elif req.statistic == pb.STATISTIC_VALUE_DEV_MEAN:
