@@ -27,7 +27,7 @@ def test_pseudo_tokens_are_the_greedy_continuation_and_leave_the_cache_as_it_was
     seen = {}
     original = CacheSession._lookahead_queries
 
-    def observed(self, count):
+    def observed(self, count, question=None):
         before = [(e.keys, e.values) for e in self.cache.hf_cache.layers], list(self.cache._positions)
         greedy = []
         real_model = self.model
@@ -39,7 +39,7 @@ def test_pseudo_tokens_are_the_greedy_continuation_and_leave_the_cache_as_it_was
 
         self.model = recording_forward
         try:
-            queries = original(self, count)
+            queries = original(self, count, question)
         finally:
             self.model = real_model
         after = [(e.keys, e.values) for e in self.cache.hf_cache.layers], list(self.cache._positions)
@@ -79,3 +79,4 @@ def test_lookahead_changes_what_window_policies_keep_and_generation_runs_on():
         finally:
             session.close()
     assert any(not torch.equal(a, b) for a, b in zip(*kept))
+

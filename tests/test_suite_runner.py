@@ -61,7 +61,8 @@ def test_full_cache_answers_what_transformers_greedy_generate_answers(checkpoint
         assert got.kept_tokens == got.context_tokens == len(context)
 
 
-@pytest.mark.parametrize("protocol,reports", [("one_shot", 1), ("question_agnostic", None)])
+@pytest.mark.parametrize("protocol,reports", [("one_shot", 1), ("question_agnostic", None),
+                                             ("question_in_context", None)])
 def test_protocols_evict_the_context_only(checkpoint, protocol: str, reports: int | None) -> None:
     model, tokenizer = load_model(str(checkpoint))
     manager = RecordingManager()
@@ -89,6 +90,11 @@ def test_question_aware_changes_what_window_policies_keep_and_only_theirs(checkp
 
     assert not same(masks("snapkv", "question_agnostic"), masks("snapkv", "question_aware"))
     assert same(masks("keydiff", "question_agnostic"), masks("keydiff", "question_aware"))
+    # The question forwarded on the cache: other queries than the context-free observers'.
+    in_context = masks("snapkv", "question_in_context")
+    assert not same(in_context, masks("snapkv", "question_aware"))
+    assert not same(in_context, masks("snapkv", "question_agnostic"))
+    assert same(masks("keydiff", "question_agnostic"), masks("keydiff", "question_in_context"))
 
 
 def test_an_unknown_protocol_is_refused(checkpoint) -> None:

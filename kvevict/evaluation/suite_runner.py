@@ -12,7 +12,11 @@ not counted and never evicted; the answer is decoded greedily. Protocols:
   peak memory from the cost of the scores;
 * `question_aware`: as `question_agnostic`, but the question's own queries, computed by a forward
   of the question alone at its true positions, act as every block's observation window (window
-  statistics: TOVA, SnapKV and the CAOTE reference over them) at no extra peak memory.
+  statistics: TOVA, SnapKV and the CAOTE reference over them) at no extra peak memory;
+* `question_in_context`: as `question_aware`, but before every block's decision the question is
+  forwarded on the cache as it is then and discarded (Lookahead Q-Cache's mechanism with the
+  question's tokens): its queries have read the context, as kvpress's question-aware presses'
+  do, for one question-sized forward per decision.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from kvevict.worker.cache_session import CacheSession
 from kvevict.worker.manager_client import EmbeddedManagerClient, ManagerClient
 from kvevict.worker.prompts import eos_token_ids
 
-PROTOCOLS = ("question_agnostic", "question_aware", "one_shot")
+PROTOCOLS = ("question_agnostic", "question_aware", "one_shot", "question_in_context")
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ def answer_prompt(model: torch.nn.Module, tokenizer, record: dict, config: Evict
         else:
             if protocol == "question_aware":
                 session.observe_queries_of(torch.tensor(question, dtype=torch.long), first_position=len(context))
+            elif protocol == "question_in_context":
+                session.observe_question_in_context(torch.tensor(question, dtype=torch.long), len(context))
             session.prefill(torch.tensor(context, dtype=torch.long))
             session.stop_evicting()
             logits = session.prefill(torch.tensor(question, dtype=torch.long)) if question else None

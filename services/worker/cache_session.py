@@ -129,6 +129,7 @@ class CacheSession:
         self._closed = False
         self._evicting = True
         self._last_logits: torch.Tensor | None = None  # of the last forward's last position
+        self._question_in_context: tuple[list[int], int] | None = None  # observe_question_in_context
 
     def _open(self) -> pb.OpenSessionResponse:
         try:
@@ -265,24 +266,34 @@ class CacheSession:
                    logits_to_keep=1, **{CAPTURE_KWARG: capture})
         self.collector.observers = ObserverQueries(capture)
 
+    def observe_question_in_context(self, token_ids: torch.Tensor, first_position: int) -> None:
+        """Before every later prefill decision, forward `token_ids` (the question still to come,
+        at its true positions first_position...) on the cache as it is then, and observe with
+        their queries; then discard them (Lookahead Q-Cache's mechanism with the question's own
+        tokens: queries that have read the cache, unlike observe_queries_of's)."""
+        self._question_in_context = (token_ids.flatten().tolist(), first_position)
+
     @torch.inference_mode()
-    def _lookahead_queries(self, count: int) -> ObserverQueries:
-        """The queries of `count` pseudo tokens decoded greedily after what the cache holds, at
-        their true positions; the cache is left as it was (its tensors are only ever replaced)."""
+    def _lookahead_queries(self, count: int, question: tuple[list[int], int] | None = None) -> ObserverQueries:
+        """The queries of `question`'s tokens forwarded on the cache (at their positions), or of
+        `count` pseudo tokens decoded greedily after what the cache holds; the cache is left as
+        it was (its tensors are only ever replaced)."""
         cache = self.cache
         saved = [(entry.keys, entry.values) for entry in cache.hf_cache.layers]
         saved_positions, saved_seen = list(cache._positions), cache.tokens_seen
-        first = self._next_position
-        capture = QueryCapture(torch.arange(first, first + count, device=self.device), accumulate=True)
-        token = int(torch.argmax(self._last_logits))
+        tokens, first = question if question is not None else ([int(torch.argmax(self._last_logits))],
+                                                                self._next_position)
+        steps = 1 if question is not None else count
+        total = len(tokens) if question is not None else count
+        capture = QueryCapture(torch.arange(first, first + total, device=self.device), accumulate=True)
         try:
-            for step in range(count):
-                position = torch.tensor([first + step], device=self.device)
+            for step in range(steps):
+                position = torch.arange(first + step, first + step + len(tokens), device=self.device)
                 cache.append_positions(position)
-                output = self.model(input_ids=torch.tensor([[token]], device=self.device), position_ids=position[None],
+                output = self.model(input_ids=torch.tensor([tokens], device=self.device), position_ids=position[None],
                                     past_key_values=cache.hf_cache, use_cache=True, logits_to_keep=1,
                                     **{CAPTURE_KWARG: capture})
-                token = int(torch.argmax(output.logits[0, -1]))
+                tokens = [int(torch.argmax(output.logits[0, -1]))]
         finally:
             for entry, (keys, values) in zip(cache.hf_cache.layers, saved):
                 entry.keys, entry.values = keys, values
@@ -310,9 +321,10 @@ class CacheSession:
         over_budget = any(self.cache.length(layer) - unseen[layer] > budget
                           for layer, budget in enumerate(self.layer_budgets))
         if self._evicting and (self.report_every_block or over_budget):
-            lookahead = self.settings.lookahead and phase == pb.PHASE_PREFILL and self.collector.observers is None
+            lookahead = phase == pb.PHASE_PREFILL and self.collector.observers is None and (
+                self.settings.lookahead or self._question_in_context is not None)
             if lookahead:
-                self.collector.observers = self._lookahead_queries(self.settings.lookahead)
+                self.collector.observers = self._lookahead_queries(self.settings.lookahead, self._question_in_context)
             try:
                 request = self._build_report(phase, unseen)
             finally:
