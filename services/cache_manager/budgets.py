@@ -209,18 +209,21 @@ class Adaptive(BudgetAllocator):
         if ranking.approximate is None or beta > 2.0**-6 or not all(
                 ranking.fast_layer(layer) for layer in range(len(lengths)) if competing[layer]):
             return exact()
-        approx = ranking.approximate()
-        totals, layers, sizes = [], [], []
-        for start, stop in layout.groups(competing):
-            if not competing[start]:
-                continue
-            length = layout.lengths[start]
-            rows = layout.rows(approx, start, stop).reshape(stop - start, layout.heads, length)
-            totals.append(rows[:, :, sink:length - recent].sum(axis=1).ravel())
-            layers += range(start, stop)
-            sizes += [length - sink - recent] * (stop - start)
+        layers = [layer for layer in range(len(lengths)) if competing[layer]]
+        sizes = [layout.lengths[layer] - sink - recent for layer in layers]
+        if ranking.approximate_totals is not None:
+            pool = ranking.approximate_totals(competing, sink, recent)
+        else:
+            approx = ranking.approximate()
+            totals = []
+            for start, stop in layout.groups(competing):
+                if not competing[start]:
+                    continue
+                length = layout.lengths[start]
+                rows = layout.rows(approx, start, stop).reshape(stop - start, layout.heads, length)
+                totals.append(rows[:, :, sink:length - recent].sum(axis=1).ravel())
+            pool = np.concatenate(totals)
         picks = self.floor - sink - recent  # the best totals of each competing layer its floor takes
-        pool = np.concatenate(totals)
         rank = extra + picks * len(layers)  # T is the rank-th largest
         estimate = float(np.partition(pool, pool.size - rank)[pool.size - rank])
         if not 2.0**-90 <= estimate < 2.0**100:

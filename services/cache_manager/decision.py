@@ -22,13 +22,14 @@ from functools import cached_property
 import numpy as np
 
 from kvevict import wire
-from kvevict.cache_manager.batch import Layout, joined
+from kvevict.cache_manager import kernels
+from kvevict.cache_manager.batch import Layout, LayerStack, flat_layers
 from kvevict.cache_manager.policies.base import LayerContext, ReportBatch
-from kvevict.cache_manager.selection import select_keep_flat, select_keep_scored
+from kvevict.cache_manager.selection import Ranking, select_keep, select_keep_flat, select_keep_scored
 from kvevict.cache_manager.sliding import hidden
 from kvevict.cache_manager.state import SessionState
 from kvevict.cache_manager.validation import ValidatedReport
-from kvevict.cache_manager.wrappers import CAOTE
+from kvevict.cache_manager.wrappers import CAOTE, caote_ranking
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
 
@@ -71,7 +72,97 @@ def decide(state: SessionState, report: ValidatedReport,
     """Decides a validated report; the next state's `last_response` is the answer serialized."""
     if any(state.settings.geometry.sliding_windows):
         return _decide_layers(state, report, sequence)
+    policy = state.settings.policy()
+    scoring = policy.kernel_scoring() if report.raw is not None else None
+    if scoring is not None:
+        return _decide_fused(state, report, sequence, scoring)
     return _decide_batched(state, report, sequence)
+
+
+def _decide_fused(state: SessionState, report: ValidatedReport, sequence: int,
+                  scoring: kernels.Scoring) -> tuple[pb.ReportBlockResponse, SessionState, DecisionStats]:
+    """decide() in the compiled kernels, from the wire's raw statistics (kernels.fused: one pass
+    per layer where the budgets are known, kernels.prepare and kernels.finish around the
+    allocator where they depend on the scores). A layer the kernels leave to the exact scores
+    (and the metrics' evicted errors) gets the policy's float64 scores from the kernels' score
+    rows (Wrapper.score_rows), then select_keep and the compaction."""
+    settings = state.settings
+    policy = settings.policy()
+    allocator = settings.allocator()
+    layout: Layout = report.layout
+    heads = layout.heads
+    lengths = list(layout.lengths)
+    score_requirement, deviation_requirement = policy.kernel_statistics()
+    score = report.raw[score_requirement]
+    deviation = report.raw[deviation_requirement] if deviation_requirement is not None else None
+    tracked = np.asarray(state.cache_lengths, np.intp)
+    previous_positions = flat_layers(state.positions, np.int32)
+    previous_accumulators = flat_layers(state.accumulators, np.float32) if policy.accumulates else None
+    new_positions = report.positions.astype(np.int32)
+    sink, recent = settings.sink, settings.recent
+
+    rows = None  # every layer's score rows, where the allocator needs them all
+
+    def layer_rows(layer: int) -> np.ndarray:
+        """Layer `layer`'s (heads, n) score rows: the base's score (its accumulators for H2O)."""
+        if rows is not None:
+            return layout.layer(rows, layer)
+        alone = kernels.prepare(scoring, score, deviation, heads, layout.lengths_array, tracked, previous_accumulators,
+                                range(layer, layer + 1))[0]
+        return alone.reshape(heads, lengths[layer])
+
+    def exact(layer: int) -> np.ndarray:
+        """The policy's score of the layer (Wrapper.score_rows of the base's score rows)."""
+        dev = deviation.layer(layer).reshape(heads, lengths[layer]) if deviation is not None else None
+        return policy.score_rows(layer_rows(layer), dev)
+
+    if allocator.needs_scores:
+        assert scoring.keys == kernels.KEYS_CAOTE, "score-dependent budgets need output-error keys"
+        rows, keys, sums, spread = kernels.prepare(scoring, score, deviation, heads, layout.lengths_array, tracked,
+                                                   previous_accumulators)
+        ranking = caote_ranking(layout, exact, keys, sums, spread)
+        budgets = allocator.allocate_flat(state.layer_budgets, lengths, ranking)
+        decided = kernels.finish(scoring, heads, layout.lengths_array, np.asarray(budgets, np.intp),
+                                 np.asarray(ranking.fast, np.bool_), rows, keys, new_positions, tracked,
+                                 previous_positions, sink, recent)
+    else:
+        ranking = Ranking(layout, exact)
+        budgets = allocator.allocate_flat(state.layer_budgets, lengths, None)
+        decided = kernels.fused(scoring, score, deviation, heads, layout.lengths_array, np.asarray(budgets, np.intp),
+                                new_positions, tracked, previous_positions, previous_accumulators, sink, recent)
+    for layer in np.flatnonzero(decided.status).tolist():
+        keep = select_keep(ranking.exact_layer(layer), budgets[layer], sink, recent)
+        decided.compact_layer(layer, keep, state.positions[layer], new_positions,
+                              layer_rows(layer) if policy.accumulates else None)
+
+    response = pb.ReportBlockResponse(sequence=sequence, layer_budgets=budgets)
+    evicting_layers = [layer for layer, (n, b) in enumerate(zip(lengths, budgets)) if n > b]
+    packed_at = decided.packed_offsets
+    for layer in evicting_layers:
+        _add_keep(response, layout, layer, budgets[layer], decided.packed[packed_at[layer]:packed_at[layer + 1]].tobytes())
+    evicted = sum((lengths[layer] - budgets[layer]) * heads for layer in evicting_layers)
+    response.evicted_tokens = evicted
+    kept = Layout(heads, tuple(decided.kept.tolist()))
+    next_state = state.evolve(
+        layer_budgets=tuple(budgets),
+        positions=LayerStack.of(decided.positions, kept),
+        accumulators=LayerStack.of(decided.accumulators, kept) if policy.accumulates else (),
+        last_sequence=sequence,
+        last_position=int(report.positions[-1]),
+        last_response=response.SerializeToString(),
+        reports=state.reports + 1,
+        evicted_tokens=state.evicted_tokens + evicted,
+    )
+    errors = None
+    if isinstance(policy, CAOTE):
+        def errors() -> tuple[np.ndarray, ...]:
+            def kept_mask(layer: int) -> np.ndarray:
+                packed = decided.packed[packed_at[layer]:packed_at[layer + 1]].reshape(heads, -1)
+                return np.unpackbits(packed, axis=-1, count=lengths[layer], bitorder="little").astype(bool)
+            return tuple(ranking.exact_layer(layer)[~kept_mask(layer)].reshape(heads, -1) for layer in evicting_layers)
+    stats = DecisionStats(num_kv_heads=heads, cache_lengths=tuple(lengths), layer_budgets=tuple(budgets),
+                          evicted_errors=errors)
+    return response, next_state, stats
 
 
 def _decide_batched(state: SessionState, report: ValidatedReport,
@@ -83,38 +174,40 @@ def _decide_batched(state: SessionState, report: ValidatedReport,
     layout: Layout = report.layout
     heads = layout.heads
     lengths = list(layout.lengths)
-    tracked = state.cache_lengths
     new_positions = report.positions.astype(np.int32)
 
     accumulator = (policy.base.accumulate_flat(state.accumulators, report.values, layout)
                    if policy.accumulates else None)
-    positions = np.empty(layout.size, dtype=np.int32)
-    # Every KV head caches the new tokens at the end of its row.
-    for start, stop, rows in layout.grouped_rows(positions, tracked):
-        old = tracked[start]
-        if old:
-            rows[:, :old] = joined(state.positions[start:stop])
-        rows[:, old:] = new_positions
-    batch = ReportBatch(layout, sequence, positions, report.values, accumulator)
+    batch = ReportBatch(layout, sequence, state.positions, new_positions, report.values, accumulator)
     evicting = any(n > b for n, b in zip(lengths, state.layer_budgets))
     ranking = policy.rank_flat(batch, ordered=report.bulk) if allocator.needs_scores or evicting else None
     budgets = allocator.allocate_flat(state.layer_budgets, lengths, ranking)
 
     response = pb.ReportBlockResponse(sequence=sequence, layer_budgets=budgets)
     evicting_layers = [layer for layer, (n, b) in enumerate(zip(lengths, budgets)) if n > b]
-    kept_lengths = [min(n, b) for n, b in zip(lengths, budgets)]
+    kept = Layout(heads, tuple(min(n, b) for n, b in zip(lengths, budgets)))
     keep = None
     if evicting_layers:
         assert ranking is not None
         keep = select_keep_flat(ranking, budgets, settings.sink, settings.recent)
-        _add_keeps(response, layout, keep, budgets, evicting_layers)
-        kept = Layout(heads, tuple(kept_lengths))
-        # Row-major boolean gathers keep each head's order; the states' layers are views.
-        kept_positions = kept.layers(positions[keep])
-        kept_accumulators = kept.layers(accumulator[keep]) if accumulator is not None else []
+    if kernels.enabled:
+        # One pass per row: the kept positions and accumulators, and the packed masks.
+        positions, accumulators, packed, packed_at = kernels.compact(
+            keep if keep is not None else np.ones(1, bool), layout.offsets_array, layout.lengths_array, heads,
+            kept.lengths_array, layout.lengths_array > kept.lengths_array, flat_layers(state.positions, np.int32),
+            np.asarray(state.cache_lengths, np.intp), new_positions, accumulator)
+        for layer in evicting_layers:
+            _add_keep(response, layout, layer, budgets[layer], packed[packed_at[layer]:packed_at[layer + 1]].tobytes())
     else:
-        kept_positions = layout.layers(positions)
-        kept_accumulators = layout.layers(accumulator) if accumulator is not None else []
+        positions = batch.positions
+        accumulators = accumulator
+        if keep is not None:
+            _add_keeps(response, layout, keep, budgets, evicting_layers)
+            # Row-major boolean gathers keep each head's order.
+            positions = positions[keep]
+            accumulators = accumulator[keep] if accumulator is not None else None
+    kept_positions = LayerStack.of(positions, kept)
+    kept_accumulators = LayerStack.of(accumulators, kept) if accumulator is not None else ()
     evicted = sum((lengths[layer] - budgets[layer]) * heads for layer in evicting_layers)
     response.evicted_tokens = evicted
 
@@ -138,6 +231,12 @@ def _decide_batched(state: SessionState, report: ValidatedReport,
     return response, next_state, stats
 
 
+def _add_keep(response: pb.ReportBlockResponse, layout: Layout, layer: int, budget: int, packed: bytes) -> None:
+    length = layout.lengths[layer]
+    response.keeps.add(layer=layer, cache_length=length, kept_tokens=budget, keep=tensor_pb2.Tensor(
+        dtype=tensor_pb2.DTYPE_PACKED_BITS, shape=[layout.heads, length], data=packed))
+
+
 def _add_keeps(response: pb.ReportBlockResponse, layout: Layout, keep: np.ndarray, budgets: list[int],
                evicting_layers: list[int]) -> None:
     """The evicting layers' keep masks, bit-packed (one packbits per group of one shape)."""
@@ -149,8 +248,7 @@ def _add_keeps(response: pb.ReportBlockResponse, layout: Layout, keep: np.ndarra
         length = layout.lengths[start]
         packed = np.packbits(rows, axis=-1, bitorder="little").reshape(stop - start, -1)
         for layer in range(start, stop):
-            response.keeps.add(layer=layer, cache_length=length, kept_tokens=budgets[layer], keep=tensor_pb2.Tensor(
-                dtype=tensor_pb2.DTYPE_PACKED_BITS, shape=[layout.heads, length], data=packed[layer - start].tobytes()))
+            _add_keep(response, layout, layer, budgets[layer], packed[layer - start].tobytes())
 
 
 def _decide_layers(state: SessionState, report: ValidatedReport,

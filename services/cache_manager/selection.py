@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvevict.cache_manager import kernels
 from kvevict.cache_manager.batch import Layout
 from kvevict.cache_manager.errors import InvalidArgument
 
@@ -71,6 +72,9 @@ class Ranking:
     scores, so only equal keys are ambiguous). `approximate()`, where given, estimates the exact
     scores, flat, within a relative error of `approx_error` in the layers `fast` marks: what the
     adaptive allocator decides from (budgets.Adaptive.allocate_flat), exactly.
+    `approximate_totals(competing, sink, recent)`, where given, is what the allocator sums from
+    approximate(): per competing layer, the float32 sum over heads of each middle token's
+    estimate, the layers one after the other (kernels.head_totals, without the flat estimates).
     """
 
     layout: Layout
@@ -80,6 +84,7 @@ class Ranking:
     slack: int = 0
     approximate: Callable[[], np.ndarray] | None = None
     approx_error: float = 0.0
+    approximate_totals: Callable[[Sequence[bool], int, int], np.ndarray] | None = None
     _exact: dict[int, np.ndarray] = field(default_factory=dict)
 
     def exact_layer(self, layer: int) -> np.ndarray:
@@ -118,7 +123,13 @@ def select_keep_flat(ranking: Ranking, budgets: Sequence[int], sink: int, recent
     marks = [bool(evicting[layer]) and ranking.fast_layer(layer) and (layout.lengths[layer], budgets[layer])
              for layer in range(len(budgets))]
     exact = [layer for layer in range(len(budgets)) if evicting[layer] and not marks[layer]]
-    if ranking.keys is not None:
+    if ranking.keys is not None and kernels.enabled and ranking.keys.dtype == np.float32:
+        marked = np.fromiter((bool(mark) for mark in marks), dtype=np.bool_, count=len(marks))
+        if marked.any():
+            clear = kernels.select(ranking.keys, layout.offsets_array, layout.lengths_array, layout.heads,
+                                   np.asarray(budgets, np.intp), marked, sink, recent, ranking.slack, keep)
+            exact += [layer for layer in np.flatnonzero(marked & ~clear).tolist()]
+    elif ranking.keys is not None:
         keys = ranking.keys.view(np.uint32)
         slack = np.uint32(ranking.slack)
         for start, stop in layout.groups(marks):

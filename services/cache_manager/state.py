@@ -17,12 +17,13 @@ import math
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from kvevict.cache_manager.batch import LayerStack
 from kvevict.cache_manager.errors import Aborted, ResourceExhausted
 from kvevict.cache_manager.settings import SessionSettings
 
@@ -39,6 +40,13 @@ def _frozen(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _frozen_layers(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """The arrays made read-only, as a tuple (a LayerStack stays one, its buffer read-only too)."""
+    if isinstance(arrays, LayerStack):
+        return LayerStack([_frozen(a) for a in arrays], _frozen(arrays.flat))
+    return tuple(_frozen(a) for a in arrays)
+
+
 @dataclass(frozen=True, eq=False)  # arrays inside: compare states with to_bytes()
 class SessionState:
     """One session as the manager tracks it, aligned column for column with the worker's cache."""
@@ -47,6 +55,7 @@ class SessionState:
     settings: SessionSettings
     layer_budgets: tuple[int, ...]
     # Per layer (num_kv_heads, cache_length) int32: absolute position of every cached token.
+    # Decisions and from_bytes store them as a batch.LayerStack (views of one flat buffer).
     positions: tuple[np.ndarray, ...]
     # Per layer (num_kv_heads, cache_length) float32 for accumulating policies (H2O); else empty.
     accumulators: tuple[np.ndarray, ...] = ()
@@ -60,12 +69,16 @@ class SessionState:
     def new(cls, session_id: str, settings: SessionSettings, layer_budgets: list[int], accumulates: bool) -> SessionState:
         heads = settings.geometry.num_kv_heads
         layers = settings.geometry.num_layers
+
+        def empty(dtype: type) -> LayerStack:
+            return LayerStack([_frozen(np.zeros((heads, 0), dtype)) for _ in range(layers)], _frozen(np.zeros(0, dtype)))
+
         return cls(
             session_id=session_id,
             settings=settings,
             layer_budgets=tuple(layer_budgets),
-            positions=tuple(_frozen(np.zeros((heads, 0), np.int32)) for _ in range(layers)),
-            accumulators=tuple(_frozen(np.zeros((heads, 0), np.float32)) for _ in range(layers)) if accumulates else (),
+            positions=empty(np.int32),
+            accumulators=empty(np.float32) if accumulates else (),
         )
 
     @property
@@ -76,7 +89,7 @@ class SessionState:
         """A copy with `changes`; new arrays are made read-only."""
         for name in ("positions", "accumulators"):
             if name in changes:
-                changes[name] = tuple(_frozen(a) for a in changes[name])
+                changes[name] = _frozen_layers(changes[name])
         return replace(self, **changes)
 
     def to_bytes(self, prefix: bytes = b"") -> bytes:
@@ -107,19 +120,33 @@ class SessionState:
         offset += head_len
         last_response = bytes(buffer[offset : offset + header["last_response"]])
         offset += header["last_response"]
-        arrays: dict[str, list[np.ndarray]] = {"positions": [], "accumulators": []}
+        # Each kind's arrays lie back to back: one read-only buffer each, the layers its views.
+        groups: dict[str, list[tuple[np.dtype, list[int]]]] = {"positions": [], "accumulators": []}
         for name, dtype, shape in header["arrays"]:
-            dt = np.dtype(dtype)
-            size = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-            array = np.frombuffer(buffer[offset : offset + size], dtype=dt).reshape(shape)
-            arrays[name.split("[")[0]].append(_frozen(array))
-            offset += size
+            groups[name.split("[")[0]].append((np.dtype(dtype), shape))
+        stacks = {}
+        for kind, arrays in groups.items():
+            dtypes = {dt for dt, _ in arrays}
+            sizes = [int(np.prod(shape, dtype=np.int64)) for _, shape in arrays]
+            if len(dtypes) == 1:
+                dt = dtypes.pop()
+                flat = _frozen(np.frombuffer(buffer[offset : offset + sum(sizes) * dt.itemsize], dtype=dt))
+                starts = np.cumsum([0] + sizes)
+                stacks[kind] = LayerStack([flat[start:start + size].reshape(shape) for start, size, (_, shape)
+                                           in zip(starts, sizes, arrays)], flat)
+                offset += sum(sizes) * dt.itemsize
+                continue
+            layers = []
+            for (dt, shape), size in zip(arrays, sizes):
+                layers.append(_frozen(np.frombuffer(buffer[offset : offset + size * dt.itemsize], dtype=dt).reshape(shape)))
+                offset += size * dt.itemsize
+            stacks[kind] = tuple(layers)
         meta = header["meta"]
         meta["layer_budgets"] = tuple(meta["layer_budgets"])
         return cls(
             settings=SessionSettings.from_dict(header["settings"]),
-            positions=tuple(arrays["positions"]),
-            accumulators=tuple(arrays["accumulators"]),
+            positions=stacks["positions"],
+            accumulators=stacks["accumulators"],
             last_response=last_response,
             **meta,
         )

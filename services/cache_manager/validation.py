@@ -5,7 +5,9 @@ so a malformed report never reaches the state.
 
 Two paths, one answer. The bulk path checks every layer's layout (layer index, cache length,
 tensor count, dtypes, shapes, byte lengths), then decodes each statistic for all layers at once
-and checks its values with one integer max over the raw bits (kvevict.cache_manager.batch).
+and checks its values with one integer max over the raw bits (kvevict.cache_manager.batch);
+with the compiled kernels it only checks them, where protobuf's bytes lie (one read-only pass),
+and the decision decodes what it reads (kernels.Statistic; `values` decodes on first use).
 Anything it does not accept (a malformed report, a NaN, an infinity, a negative value where
 none may be, or a -0.0) goes to the exact path, which checks layer after layer, tensor after
 tensor, and so raises the error the first offending field gets, named as always
@@ -21,6 +23,7 @@ from functools import cached_property
 import numpy as np
 
 from kvevict import wire
+from kvevict.cache_manager import kernels
 from kvevict.cache_manager.batch import Layout, decode_statistic
 from kvevict.cache_manager.errors import InvalidArgument
 from kvevict.cache_manager.sliding import droppable
@@ -29,6 +32,9 @@ from kvevict.cache_manager.statistics import StatisticRequirement
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
 
+_KERNEL_KINDS = {tensor_pb2.DTYPE_FLOAT16: kernels.FLOAT16, tensor_pb2.DTYPE_BFLOAT16: kernels.BFLOAT16,
+                 tensor_pb2.DTYPE_FLOAT32: kernels.FLOAT32}
+_WIRE_DTYPES = {kind: dtype for dtype, kind in _KERNEL_KINDS.items()}
 # Positions are tracked as int32 (half the state of int64); no context comes near this.
 MAX_POSITION = np.iinfo(np.int32).max
 PHASES = (pb.PHASE_PREFILL, pb.PHASE_DECODE)
@@ -36,20 +42,34 @@ PHASES = (pb.PHASE_PREFILL, pb.PHASE_DECODE)
 
 @dataclass(frozen=True)
 class ValidatedReport:
-    """A report's content, decoded and checked."""
+    """A report's content, checked (and decoded, or decodable: `values`)."""
 
     phase: int
     positions: np.ndarray  # (new_tokens,) int64, strictly increasing, after every tracked position
     # Every layer's (num_kv_heads, cache_length), in the order of `values`' flat buffers.
     layout: Layout
-    # Statistic -> float32 values of every layer, flat in `layout`, finite (fresh buffers).
-    values: dict[StatisticRequirement, np.ndarray]
+    # Statistic -> float32 values of every layer, flat in `layout`, finite (fresh buffers); None
+    # where `raw` holds them undecoded.
+    decoded: dict[StatisticRequirement, np.ndarray] | None = None
+    # Statistic -> its checked raw data per layer (kernels.Statistic): the bulk path's, with the
+    # compiled kernels.
+    raw: dict[StatisticRequirement, kernels.Statistic] | None = None
     # Per layer: leading tokens (tracked, then new) that left the layer's sliding window, dropped
     # before cache_length (see kvevict.cache_manager.sliding); 0 for full-attention layers.
     dropped: tuple[int, ...] = ()
     # True when the bulk check passed: besides finite, non-negative statistics hold no -0.0, so
     # scores built from them order like their bit patterns (kvevict.cache_manager.selection).
     bulk: bool = True
+
+    @cached_property
+    def values(self) -> dict[StatisticRequirement, np.ndarray]:
+        """Statistic -> float32 values of every layer, flat in `layout`, finite (fresh buffers,
+        which the decision may turn into its results in place)."""
+        if self.decoded is not None:
+            return self.decoded
+        assert self.raw is not None
+        return {req: decode_statistic(b"".join(stat.buffers), _WIRE_DTYPES[stat.kind], req.non_negative)
+                for req, stat in self.raw.items()}
 
     @cached_property
     def statistics(self) -> tuple[dict[StatisticRequirement, np.ndarray], ...]:
@@ -78,21 +98,24 @@ def validate_report(request: pb.ReportBlockRequest, state: SessionState) -> Vali
                     for i, window in enumerate(settings.geometry.sliding_windows))
     tracked = state.cache_lengths
     layout = Layout(settings.geometry.num_kv_heads, tuple(n + len(positions) - d for n, d in zip(tracked, dropped)))
-    values = _bulk(request, state, layout)
-    if values is not None:
-        return ValidatedReport(request.phase, positions, layout, values, dropped)
+    checked = _bulk(request, state, layout)
+    if checked is not None:
+        decoded, raw = checked
+        return ValidatedReport(request.phase, positions, layout, decoded=decoded, raw=raw, dropped=dropped)
     # The exact path: raises the first offending field's error, or decodes what the bulk check
     # left to it (a -0.0).
     statistics = [
         _layer(layer, i, tracked[i], len(positions), dropped[i], state) for i, layer in enumerate(request.layers)
     ]
     values = {req: np.concatenate([layer[req].ravel() for layer in statistics]) for req in settings.statistics}
-    return ValidatedReport(request.phase, positions, layout, values, dropped, bulk=False)
+    return ValidatedReport(request.phase, positions, layout, decoded=values, dropped=dropped, bulk=False)
 
 
-def _bulk(request: pb.ReportBlockRequest, state: SessionState, layout: Layout) -> dict[StatisticRequirement, np.ndarray] | None:
-    """Every statistic decoded for all layers at once, or None where the exact path must decide
-    (anything malformed or any value the bulk check does not accept)."""
+def _bulk(request: pb.ReportBlockRequest, state: SessionState, layout: Layout
+          ) -> tuple[dict[StatisticRequirement, np.ndarray] | None, dict[StatisticRequirement, kernels.Statistic] | None] | None:
+    """Every statistic decoded for all layers at once (or, with the kernels, checked where it
+    lies: the raw data), or None where the exact path must decide (anything malformed or any
+    value the bulk check does not accept)."""
     settings = state.settings
     requirements = settings.statistics
     dtypes = [req.wire_dtype(settings.statistics_dtype) for req in requirements]
@@ -109,13 +132,21 @@ def _bulk(request: pb.ReportBlockRequest, state: SessionState, layout: Layout) -
             if len(raw) != heads * length * itemsizes[k]:
                 return None
             data[k].append(raw)
+    if kernels.enabled:
+        raw = {}
+        for k, requirement in enumerate(requirements):
+            statistic = kernels.Statistic.of(data[k], _KERNEL_KINDS[dtypes[k]])
+            if not statistic.check(requirement.non_negative):
+                return None
+            raw[requirement] = statistic
+        return None, raw
     values = {}
     for k, requirement in enumerate(requirements):
         decoded = decode_statistic(b"".join(data[k]), dtypes[k], requirement.non_negative)
         if decoded is None:
             return None
         values[requirement] = decoded
-    return values
+    return values, None
 
 
 def _dropped(tracked: np.ndarray, new: np.ndarray, window: int) -> int:

@@ -11,12 +11,13 @@ FastCAOTE: a_j / (1 - a_j) * ||v_j - mean v||.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
+from kvevict.cache_manager import kernels
 from kvevict.cache_manager.batch import Layout
 from kvevict.cache_manager.errors import InvalidArgument
 from kvevict.cache_manager.policies.base import BasePolicy, LayerContext, ReportBatch
@@ -132,6 +133,24 @@ class Wrapper:
         """`score` of every layer at once, flat in `batch.layout`, equal to it element for element."""
         return self.base.score_flat(batch)
 
+    def kernel_scoring(self) -> kernels.Scoring | None:
+        """How the fused decision kernel scores and ranks a row (kernels.Scoring) with the
+        base's kernel source and this wrapper's keys, or None where either has none. Here: the
+        base's scores are the keys (non-negative float32 scores order like their bits)."""
+        source = self.base.kernel_scoring()
+        if source is None or not self.base.non_negative_scores:
+            return None
+        return kernels.Scoring(source[0], source[2], kernels.KEYS_SCORE, 0)
+
+    def kernel_statistics(self) -> tuple[StatisticRequirement, StatisticRequirement | None]:
+        """The statistics kernel_scoring() reads: the base's, and the deviation keys need (None)."""
+        return self.base.kernel_scoring()[1], None
+
+    def score_rows(self, rows: np.ndarray, deviation: np.ndarray | None) -> np.ndarray:
+        """`score` of a layer from the base's score rows, as kernel_scoring() computes them (and,
+        for CAOTE, the layer's deviation statistic)."""
+        return rows
+
     @property
     def non_negative_scores(self) -> bool:
         """Scores are >= 0 (never NaN) for valid statistics (see BasePolicy.non_negative_scores)."""
@@ -181,6 +200,20 @@ class CAOTE(Wrapper):
     def non_negative_scores(self) -> bool:
         return True  # a_j >= 0 times a norm, or +inf
 
+    def kernel_scoring(self) -> kernels.Scoring | None:
+        """CAOTE's keys (attention x deviation, slack 8: see rank_flat) where the base's score is
+        its attention (attention_like the identity)."""
+        source = self.base.kernel_scoring()
+        if source is None or type(self.base).attention_like is not BasePolicy.attention_like:
+            return None
+        return kernels.Scoring(source[0], source[2], kernels.KEYS_CAOTE, 8)
+
+    def kernel_statistics(self) -> tuple[StatisticRequirement, StatisticRequirement | None]:
+        return self.base.kernel_scoring()[1], self.value_dev_statistic()
+
+    def score_rows(self, rows: np.ndarray, deviation: np.ndarray | None) -> np.ndarray:
+        return caote_scores(rows, deviation)  # score(), the base's attention_like being the identity
+
     def rank_flat(self, batch: ReportBatch, ordered: bool) -> Ranking:
         """CAOTE's ranking without computing the float64 scores of every token.
 
@@ -203,6 +236,11 @@ class CAOTE(Wrapper):
 
         if not ordered:
             return Ranking(layout, exact)
+        if kernels.enabled and attention.dtype == np.float32:
+            # One pass per row: the keys, float64 row sums and the same guard (kernels.caote_keys).
+            keys, sums, spread = kernels.caote_keys(attention, deviation, layout.offsets_array, layout.lengths_array,
+                                                    layout.heads)
+            return caote_ranking(layout, exact, keys, sums, spread)
         keys = np.multiply(attention, deviation, out=np.empty(layout.size, np.float32), casting="same_kind")
         sums = np.empty(len(layout.lengths) * layout.heads, np.float64)
         fast = [False] * len(layout.lengths)
@@ -215,19 +253,45 @@ class CAOTE(Wrapper):
             for layer in range(start, stop):
                 fast[layer] = bool(spread[(layer - start) * layout.heads:(layer - start + 1) * layout.heads].all())
 
-        def approximate() -> np.ndarray:
-            # keys / S: the keys' rounding, S's sum, 1 / S and the product (each 2**-24).
-            scaled = np.empty(layout.size, np.float32)
-            inverse = (1.0 / sums).astype(np.float32)
-            for start, stop, rows in layout.grouped_rows(keys):
-                np.multiply(rows, inverse[start * layout.heads:stop * layout.heads, None],
-                            out=layout.rows(scaled, start, stop))
-            return scaled
+        inverse = _inverse(sums)
+        return Ranking(layout, exact, keys, fast, slack=8, approximate=lambda: _scaled(keys, inverse, layout),
+                       approx_error=3 * 2.0**-24 + _sum_error(layout))
 
-        longest = max(layout.lengths, default=1)
-        sum_error = (16 + math.ceil(math.log2(max(longest, 2)))) * 2.0**-24
-        return Ranking(layout, exact, keys, fast, slack=8, approximate=approximate,
-                       approx_error=3 * 2.0**-24 + sum_error)
+
+def caote_ranking(layout: Layout, exact: Callable[[int], np.ndarray], keys: np.ndarray, sums: np.ndarray,
+                  spread: np.ndarray) -> Ranking:
+    """CAOTE.rank_flat's Ranking from the kernels' keys, float64 row sums and guards (per row,
+    layer-major: kernels.caote_keys, kernels.prepare): a layer is fast where every row's guard
+    holds; the adaptive allocator's totals come from the keys scaled by 1 / S in one pass."""
+    fast = spread.reshape(len(layout.lengths), layout.heads).all(axis=-1).tolist()
+    inverse = _inverse(sums)
+    return Ranking(layout, exact, keys, fast, slack=8, approximate=lambda: _scaled(keys, inverse, layout),
+                   approx_error=3 * 2.0**-24 + _sum_error(layout),
+                   approximate_totals=lambda competing, sink, recent: kernels.head_totals(
+                       keys, inverse, layout.offsets_array, layout.lengths_array, layout.heads,
+                       np.asarray(competing, np.bool_), sink, recent))
+
+
+def _inverse(sums: np.ndarray) -> np.ndarray:
+    """float32 1 / S per row (inf for a row of zeros: such rows are never `fast`)."""
+    with np.errstate(divide="ignore"):
+        return (1.0 / sums).astype(np.float32)
+
+
+def _scaled(keys: np.ndarray, inverse: np.ndarray, layout: Layout) -> np.ndarray:
+    """CAOTE's estimated scores: keys / S per row, `inverse` = float32 1 / S. Errors: the keys'
+    rounding, S's sum, 1 / S and the product (each 2**-24, S's see _sum_error)."""
+    scaled = np.empty(layout.size, np.float32)
+    for start, stop, rows in layout.grouped_rows(keys):
+        np.multiply(rows, inverse[start * layout.heads:stop * layout.heads, None], out=layout.rows(scaled, start, stop))
+    return scaled
+
+
+def _sum_error(layout: Layout) -> float:
+    """Relative error bound of a row's attention sum: float32's pairwise sum is within (16 +
+    log2 length) 2**-24 of the exact one (the kernels' float64 sum far within it)."""
+    longest = max(layout.lengths, default=1)
+    return (16 + math.ceil(math.log2(max(longest, 2)))) * 2.0**-24
 
 
 @dataclass(frozen=True)
@@ -248,6 +312,9 @@ class FastCAOTE(CAOTE):
 
     def rank_flat(self, batch: ReportBatch, ordered: bool) -> Ranking:
         return Wrapper.rank_flat(self, batch, ordered)  # float64 scores, float32 keys (monotone)
+
+    def kernel_scoring(self) -> None:
+        return None  # float64 scores a_j / (1 - a_j) x deviation: no float32 keys in the kernel
 
 
 WRAPPERS: dict[str, type[Wrapper]] = {cls.name: cls for cls in (NoWrapper, CAOTE, FastCAOTE)}

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from kvevict.cache_manager.batch import Layout
+from kvevict.cache_manager.batch import Layout, joined
 from kvevict.cache_manager.statistics import VALUE_DEV_EXCLUDED, StatisticRequirement
 from kvevict.v1 import cache_manager_pb2 as pb
 
@@ -37,9 +37,25 @@ class ReportBatch:
 
     layout: Layout
     sequence: int
-    positions: np.ndarray  # int32 absolute positions of every cached token, new ones included
+    # Per layer (kv_heads, tracked) int32: the cached tokens' positions before this report.
+    tracked_positions: Sequence[np.ndarray]
+    new_positions: np.ndarray  # (new_tokens,) int32: every KV head caches them at its row's end
     values: Mapping[StatisticRequirement, np.ndarray]  # float32
     accumulator: np.ndarray | None = None  # float32, this report already added (accumulating policies)
+
+    @cached_property
+    def positions(self) -> np.ndarray:
+        """int32 absolute positions of every cached token, new ones included, flat in `layout`
+        (built when first asked: most policies never look at positions)."""
+        layout = self.layout
+        positions = np.empty(layout.size, dtype=np.int32)
+        tracked = [p.shape[1] for p in self.tracked_positions]
+        for start, stop, rows in layout.grouped_rows(positions, tracked):
+            old = tracked[start]
+            if old:
+                rows[:, :old] = joined(self.tracked_positions[start:stop])
+            rows[:, old:] = self.new_positions
+        return positions
 
     @cached_property
     def contexts(self) -> list[LayerContext]:
@@ -117,6 +133,13 @@ class BasePolicy(ABC):
     def accumulate(self, previous: np.ndarray, statistics: Mapping[StatisticRequirement, np.ndarray]) -> np.ndarray:
         """New accumulator (kv_heads, cache_length) from the previous one (kv_heads, previous_length)."""
         raise NotImplementedError(f"{self.name} does not accumulate")
+
+    def kernel_scoring(self) -> tuple[int, StatisticRequirement, int] | None:
+        """How the fused decision kernel computes `score` (kvevict.cache_manager.kernels): the
+        source (SOURCE_PLAIN, SOURCE_ACCUMULATED, SOURCE_POOLED), the statistic it reads and the
+        pool kernel (1: none), for a score equal to `score` element for element; None (this
+        default) where the kernel has no such source (the batched numpy path decides)."""
+        return None
 
     def options(self) -> dict[str, Any]:
         """The policy's own options and their values (for describe_policies and logs)."""

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvevict.cache_manager.batch import Layout, joined
+from kvevict.cache_manager import kernels
+from kvevict.cache_manager.batch import Layout, flat_layers, joined
 from kvevict.cache_manager.policies.base import BasePolicy, LayerContext, ReportBatch, excluded_deviation
 from kvevict.cache_manager.statistics import ATTN_SUM, StatisticRequirement
 from kvevict.v1 import cache_manager_pb2 as pb
@@ -40,6 +41,11 @@ class H2O(BasePolicy):
         # becomes the accumulator in place.
         total = values[_ATTN_SUM]
         assert total.dtype == np.float32 and total.flags.writeable
+        if kernels.enabled:
+            tracked = np.fromiter((p.shape[1] for p in previous), dtype=np.intp, count=len(previous))
+            kernels.accumulate(total, layout.offsets_array, layout.lengths_array, layout.heads,
+                               flat_layers(previous, np.float32), tracked)
+            return total
         for start, stop, rows in layout.grouped_rows(total, [p.shape[1] for p in previous]):
             tracked = previous[start].shape[1]
             if tracked:
@@ -53,6 +59,9 @@ class H2O(BasePolicy):
     def score_flat(self, batch: ReportBatch) -> np.ndarray:
         assert batch.accumulator is not None, "the manager passes the accumulator to accumulating policies"
         return batch.accumulator
+
+    def kernel_scoring(self) -> tuple[int, StatisticRequirement, int]:
+        return kernels.SOURCE_ACCUMULATED, _ATTN_SUM, 1
 
     def caote_reference(self) -> StatisticRequirement:
         # The worker accumulates the same attention per cached token (kept tokens only, as here).

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvevict.cache_manager import kernels
 from kvevict.cache_manager.errors import InvalidArgument
 from kvevict.cache_manager.policies.base import BasePolicy, LayerContext, ReportBatch, excluded_deviation
 from kvevict.cache_manager.statistics import ATTN_WINDOW, StatisticRequirement
@@ -79,10 +80,16 @@ class SnapKV(BasePolicy):
         values = batch.values[StatisticRequirement(ATTN_WINDOW, self.window)]
         if self.pool_kernel == 1:
             return values
+        layout = batch.layout
+        if kernels.enabled:
+            return kernels.max_pool(values, layout.offsets_array, layout.lengths_array, layout.heads, self.pool_kernel)
         pooled = np.empty_like(values)
         for start, stop, rows in batch.layout.grouped_rows(values):
             batch.layout.rows(pooled, start, stop)[...] = max_pool_rows(rows, self.pool_kernel)
         return pooled
+
+    def kernel_scoring(self) -> tuple[int, StatisticRequirement, int]:
+        return kernels.SOURCE_POOLED, StatisticRequirement(ATTN_WINDOW, self.window), self.pool_kernel
 
     def caote_reference(self) -> StatisticRequirement:
         # The pooled window attention is the score CAOTE normalises: the worker pools the same way.

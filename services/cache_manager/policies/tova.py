@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvevict.cache_manager import kernels
 from kvevict.cache_manager.policies.base import BasePolicy, LayerContext, ReportBatch, excluded_deviation
 from kvevict.cache_manager.statistics import ATTN_WINDOW, StatisticRequirement
 from kvevict.v1 import cache_manager_pb2 as pb
@@ -31,6 +32,9 @@ class TOVA(BasePolicy):
 
     def score_flat(self, batch: ReportBatch) -> np.ndarray:
         return batch.values[_LAST_QUERY]
+
+    def kernel_scoring(self) -> tuple[int, StatisticRequirement, int] | None:
+        return kernels.SOURCE_PLAIN, _LAST_QUERY, 1
 
     def caote_reference(self) -> StatisticRequirement:
         # Same single query: CAOTE is then exactly the output change of evicting each token.

@@ -25,3 +25,6 @@ class TOVAMean(TOVA):
 
     def score_flat(self, batch: ReportBatch) -> np.ndarray:
         return BasePolicy.score_flat(self, batch)  # per layer: not TOVA's elementwise score
+
+    def kernel_scoring(self) -> None:
+        return None  # a mean over heads: not TOVA's kernel source

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvevict.cache_manager import kernels
 from kvevict.cache_manager.policies.base import BasePolicy, LayerContext, ReportBatch, excluded_deviation
 from kvevict.cache_manager.statistics import VALUE_DEV_MEAN, StatisticRequirement
 from kvevict.v1 import cache_manager_pb2 as pb
@@ -30,6 +31,9 @@ class ValueNorm(BasePolicy):
 
     def score_flat(self, batch: ReportBatch) -> np.ndarray:
         return batch.values[_VALUE_DEV_MEAN]
+
+    def kernel_scoring(self) -> tuple[int, StatisticRequirement, int]:
+        return kernels.SOURCE_PLAIN, _VALUE_DEV_MEAN, 1
 
     def caote_reference(self) -> StatisticRequirement:
         return excluded_deviation(pb.REFERENCE_VALUE_DEVIATION)
