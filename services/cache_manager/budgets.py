@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from kvevict.cache_manager import kernels
 from kvevict.cache_manager.errors import InvalidArgument
 from kvevict.cache_manager.geometry import Geometry
 from kvevict.cache_manager.selection import Ranking
@@ -192,8 +193,9 @@ class Adaptive(BudgetAllocator):
         """
         assert ranking is not None, "adaptive needs every layer's scores"
         layout = ranking.layout
+        floor = self.floor
         lengths = np.asarray(cache_lengths, dtype=np.int64)
-        floors = np.minimum(lengths, self.floor)
+        floors = np.minimum(lengths, floor)
         target = min(len(lengths) * self.tokens, int(lengths.sum()))
         extra = target - int(floors.sum())
         if extra <= 0:
@@ -203,13 +205,13 @@ class Adaptive(BudgetAllocator):
             return self.allocate(budgets, cache_lengths, [ranking.exact_layer(layer) for layer in range(len(lengths))])
 
         sink, recent = self.sink, self.recent
-        competing = [bool(n > self.floor) for n in lengths]
+        competing = [n > floor for n in cache_lengths]
+        layers = [layer for layer, c in enumerate(competing) if c]
         error = ranking.approx_error + (layout.heads + 1) * 2.0**-24
-        beta = max(2.0**-12, 64 * error)
-        if ranking.approximate is None or beta > 2.0**-6 or not all(
-                ranking.fast_layer(layer) for layer in range(len(lengths)) if competing[layer]):
+        beta = 64 * error  # wide enough for any estimate's error, narrow enough to be cheap
+        if (ranking.approximate is None and ranking.approximate_totals is None) or beta > 2.0**-6 or not all(
+                ranking.fast_layer(layer) for layer in layers):
             return exact()
-        layers = [layer for layer in range(len(lengths)) if competing[layer]]
         sizes = [layout.lengths[layer] - sink - recent for layer in layers]
         if ranking.approximate_totals is not None:
             pool = ranking.approximate_totals(competing, sink, recent)
@@ -223,25 +225,33 @@ class Adaptive(BudgetAllocator):
                 rows = layout.rows(approx, start, stop).reshape(stop - start, layout.heads, length)
                 totals.append(rows[:, :, sink:length - recent].sum(axis=1).ravel())
             pool = np.concatenate(totals)
-        picks = self.floor - sink - recent  # the best totals of each competing layer its floor takes
+        picks = floor - sink - recent  # the best totals of each competing layer its floor takes
         rank = extra + picks * len(layers)  # T is the rank-th largest
-        estimate = float(np.partition(pool, pool.size - rank)[pool.size - rank])
+        fused = kernels.enabled and pool.dtype == np.float32
+        estimate = kernels.largest(pool, rank) if fused else float(np.partition(pool, pool.size - rank)[pool.size - rank])
         if not 2.0**-90 <= estimate < 2.0**100:
             return exact()
         high, low = np.float64(estimate * (1 + beta)), np.float64(estimate * (1 - beta))
         starts = np.cumsum([0] + sizes[:-1])
-        above = pool > high
-        above_per_layer = np.add.reduceat(above, starts, dtype=np.int64)
-        band = np.flatnonzero((pool >= low) & ~above)
+        if fused:  # the same counts and indices in one pass
+            above_per_layer, band = kernels.band(pool, starts, low, high)
+        else:
+            above = pool > high
+            above_per_layer = np.add.reduceat(above, starts, dtype=np.int64)
+            band = np.flatnonzero((pool >= low) & ~above)
         in_layer = np.searchsorted(starts, band, side="right") - 1
         values = np.empty(band.size, np.float64)
         for index in np.unique(in_layer):
             layer = layers[index]
             length = layout.lengths[layer]
+            mine = in_layer == index
+            columns = band[mine] - starts[index]
+            if ranking.exact_totals is not None:
+                values[mine] = ranking.exact_totals(layer, sink, recent, columns)
+                continue
             # allocate()'s own sum, so the value is bit for bit the one it would rank.
             exact_totals = ranking.exact_layer(layer)[:, sink:length - recent].sum(axis=0, dtype=np.float64)
-            mine = in_layer == index
-            values[mine] = exact_totals[band[mine] - starts[index]]
+            values[mine] = exact_totals[columns]
         position = rank - int(above_per_layer.sum())  # T's rank among the band's exact totals
         if not 1 <= position <= band.size:
             return exact()

@@ -29,7 +29,7 @@ from kvevict.cache_manager.selection import Ranking, select_keep, select_keep_fl
 from kvevict.cache_manager.sliding import hidden
 from kvevict.cache_manager.state import SessionState
 from kvevict.cache_manager.validation import ValidatedReport
-from kvevict.cache_manager.wrappers import CAOTE, caote_ranking
+from kvevict.cache_manager.wrappers import CAOTE, caote_ranking, caote_totals
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
 
@@ -81,11 +81,12 @@ def decide(state: SessionState, report: ValidatedReport,
 
 def _decide_fused(state: SessionState, report: ValidatedReport, sequence: int,
                   scoring: kernels.Scoring) -> tuple[pb.ReportBlockResponse, SessionState, DecisionStats]:
-    """decide() in the compiled kernels, from the wire's raw statistics (kernels.fused: one pass
-    per layer where the budgets are known, kernels.prepare and kernels.finish around the
-    allocator where they depend on the scores). A layer the kernels leave to the exact scores
-    (and the metrics' evicted errors) gets the policy's float64 scores from the kernels' score
-    rows (Wrapper.score_rows), then select_keep and the compaction."""
+    """decide() in the compiled kernels, from the wire's raw statistics: kernels.fused, one pass
+    per layer, once the budgets are known (for score-dependent ones, after kernels.totals gave
+    the allocator its estimates, in a pass that keeps rows and keys in cache). A layer the
+    kernels leave to the exact scores (and the metrics' evicted errors) gets the policy's
+    float64 scores from the kernels' score rows (Wrapper.score_rows), then select_keep and the
+    compaction."""
     settings = state.settings
     policy = settings.policy()
     allocator = settings.allocator()
@@ -101,35 +102,35 @@ def _decide_fused(state: SessionState, report: ValidatedReport, sequence: int,
     new_positions = report.positions.astype(np.int32)
     sink, recent = settings.sink, settings.recent
 
-    rows = None  # every layer's score rows, where the allocator needs them all
-
     def layer_rows(layer: int) -> np.ndarray:
         """Layer `layer`'s (heads, n) score rows: the base's score (its accumulators for H2O)."""
-        if rows is not None:
-            return layout.layer(rows, layer)
         alone = kernels.prepare(scoring, score, deviation, heads, layout.lengths_array, tracked, previous_accumulators,
                                 range(layer, layer + 1))[0]
         return alone.reshape(heads, lengths[layer])
 
+    def layer_deviation(layer: int) -> np.ndarray | None:
+        return deviation.layer(layer).reshape(heads, lengths[layer]) if deviation is not None else None
+
     def exact(layer: int) -> np.ndarray:
         """The policy's score of the layer (Wrapper.score_rows of the base's score rows)."""
-        dev = deviation.layer(layer).reshape(heads, lengths[layer]) if deviation is not None else None
-        return policy.score_rows(layer_rows(layer), dev)
+        return policy.score_rows(layer_rows(layer), layer_deviation(layer))
+
+    def exact_totals(layer: int, sink: int, recent: int, columns: np.ndarray) -> np.ndarray:
+        """The layer's exact scores summed over heads at a few middle columns (caote_totals)."""
+        return caote_totals(layer_rows(layer), layer_deviation(layer), sink + columns)
 
     if allocator.needs_scores:
         assert scoring.keys == kernels.KEYS_CAOTE, "score-dependent budgets need output-error keys"
-        rows, keys, sums, spread = kernels.prepare(scoring, score, deviation, heads, layout.lengths_array, tracked,
-                                                   previous_accumulators)
-        ranking = caote_ranking(layout, exact, keys, sums, spread)
+        sums, spread, totals = kernels.totals(scoring, score, deviation, heads, layout.lengths_array, tracked,
+                                              previous_accumulators, sink, recent)
+        ranking = caote_ranking(layout, exact, None, sums, spread, totals=(totals, sink, recent))
+        ranking.exact_totals = exact_totals
         budgets = allocator.allocate_flat(state.layer_budgets, lengths, ranking)
-        decided = kernels.finish(scoring, heads, layout.lengths_array, np.asarray(budgets, np.intp),
-                                 np.asarray(ranking.fast, np.bool_), rows, keys, new_positions, tracked,
-                                 previous_positions, sink, recent)
     else:
         ranking = Ranking(layout, exact)
         budgets = allocator.allocate_flat(state.layer_budgets, lengths, None)
-        decided = kernels.fused(scoring, score, deviation, heads, layout.lengths_array, np.asarray(budgets, np.intp),
-                                new_positions, tracked, previous_positions, previous_accumulators, sink, recent)
+    decided = kernels.fused(scoring, score, deviation, heads, layout.lengths_array, np.asarray(budgets, np.intp),
+                            new_positions, tracked, previous_positions, previous_accumulators, sink, recent)
     for layer in np.flatnonzero(decided.status).tolist():
         keep = select_keep(ranking.exact_layer(layer), budgets[layer], sink, recent)
         decided.compact_layer(layer, keep, state.positions[layer], new_positions,
@@ -232,9 +233,12 @@ def _decide_batched(state: SessionState, report: ValidatedReport,
 
 
 def _add_keep(response: pb.ReportBlockResponse, layout: Layout, layer: int, budget: int, packed: bytes) -> None:
+    """One evicting layer's bit-packed keep mask (set in place: no Tensor built and copied)."""
     length = layout.lengths[layer]
-    response.keeps.add(layer=layer, cache_length=length, kept_tokens=budget, keep=tensor_pb2.Tensor(
-        dtype=tensor_pb2.DTYPE_PACKED_BITS, shape=[layout.heads, length], data=packed))
+    keep = response.keeps.add(layer=layer, cache_length=length, kept_tokens=budget).keep
+    keep.dtype = tensor_pb2.DTYPE_PACKED_BITS
+    keep.shape[:] = (layout.heads, length)
+    keep.data = packed
 
 
 def _add_keeps(response: pb.ReportBlockResponse, layout: Layout, keep: np.ndarray, budgets: list[int],

@@ -127,6 +127,28 @@ if numba is not None:
         return types.intp(types.intp, types.intp, types.uint32, types.uint32), codegen
 
     @intrinsic
+    def _above16(typingctx, source, destination, bound):
+        """The 16 uint32 at `source` that are > `bound`, stored one after the other at
+        `destination`; returns how many."""
+        def codegen(context, builder, signature, args):
+            source, destination, bound = args
+            value = builder.load(builder.inttoptr(source, _LANES.as_pointer()), align=4)
+            lanes = builder.icmp_unsigned(">", value, _splat(builder, bound))
+            _compress_store(builder, value, destination, lanes)
+            return _popcount(builder, lanes)
+        return types.intp(types.intp, types.intp, types.uint32), codegen
+
+    @intrinsic
+    def _inside16(typingctx, source, low, width):
+        """Bit i set where the i-th of the 16 uint32 at `source` lies in [low, low + width]."""
+        def codegen(context, builder, signature, args):
+            source, low, width = args
+            value = builder.load(builder.inttoptr(source, _LANES.as_pointer()), align=4)
+            lanes = builder.icmp_unsigned("<=", builder.sub(value, _splat(builder, low)), _splat(builder, width))
+            return builder.zext(builder.bitcast(lanes, ir.IntType(16)), ir.IntType(64))
+        return types.uint64(types.intp, types.uint32, types.uint32), codegen
+
+    @intrinsic
     def _compress16(typingctx, source, destination, mask):
         """The 32-bit elements of the 16 at `source` whose bit is set in `mask` (bit i: element
         i), stored one after the other at `destination`; returns how many."""
@@ -321,23 +343,6 @@ if numba is not None:
         return count
 
     @numba.njit(**_JIT)
-    def _ranked(values, rank):
-        """The rank-th smallest (1-based) of `values` (uint32): bisection on the value, each
-        step one vectorised count."""
-        low = high = values[0]
-        for i in range(1, values.size):
-            low = min(low, values[i])
-            high = max(high, values[i])
-        low, high = np.int64(low), np.int64(high)
-        while low < high:
-            middle = (low + high) >> 1
-            if _count_at_most(values, np.uint32(middle)) >= rank:
-                high = middle
-            else:
-                low = middle + 1
-        return np.uint32(high)
-
-    @numba.njit(**_JIT)
     def _filter(row, pivot, flip, out):
         """The elements of `row` (uint32), each xor `flip`, that are <= `pivot`, stored at the
         start of `out`; returns how many."""
@@ -355,7 +360,83 @@ if numba is not None:
         return count
 
     @numba.njit(**_JIT)
-    def _around(row, kth, candidates, minima):
+    def _above(values, bound, out):
+        """The elements of `values` (uint32) that are > `bound`, stored at the start of `out`;
+        returns how many."""
+        n = values.size
+        source, destination = values.ctypes.data, out.ctypes.data
+        count = 0
+        whole = n - n % 16
+        for chunk in range(0, whole, 16):
+            count += _above16(source + 4 * chunk, destination + 4 * count, bound)
+        tail = values[whole:]
+        for i in range(tail.size):
+            value = tail[i]
+            out[count] = value
+            count += value > bound
+        return count
+
+    @numba.njit(**_JIT)
+    def _sift_down(a, start, root, end):
+        while True:
+            child = 2 * root + 1
+            if child >= end:
+                return
+            if child + 1 < end and a[start + child + 1] > a[start + child]:
+                child += 1
+            if a[start + root] >= a[start + child]:
+                return
+            a[start + root], a[start + child] = a[start + child], a[start + root]
+            root = child
+
+    @numba.njit(**_JIT)
+    def _heap_sort(a, lo, hi):
+        """Sorts a[lo:hi + 1] in O(n log n) whatever the input."""
+        n = hi - lo + 1
+        for root in range(n // 2 - 1, -1, -1):
+            _sift_down(a, lo, root, n)
+        for end in range(n - 1, 0, -1):
+            a[lo], a[lo + end] = a[lo + end], a[lo]
+            _sift_down(a, lo, 0, end)
+
+    @numba.njit(**_JIT)
+    def _smallest(values, k, first, second):
+        """The k-th smallest (0-based) of `values` (uint32, left as they are): a quickselect on
+        the median of three whose partitions are compress-stores (one vectorised pass each) into
+        the scratch buffers `first` and `second` (each as long as `values`), with a heap sort of
+        what is left after 64 rounds."""
+        source = values
+        size = values.size
+        into_first = True
+        rounds = 64
+        while size > 16 and rounds > 0:
+            rounds -= 1
+            a, b, c = source[0], source[size >> 1], source[size - 1]
+            pivot = max(min(a, b), min(max(a, b), c))
+            target = first if into_first else second
+            below = _filter(source[:size], np.uint32(pivot - 1), np.uint32(0), target) if pivot > 0 else 0
+            if k < below:
+                source, size, into_first = target, below, not into_first
+                continue
+            at_most = below + _count_equal(source[:size], pivot)
+            if k < at_most:
+                return pivot
+            above = _above(source[:size], pivot, target)
+            source, size, k, into_first = target, above, k - at_most, not into_first
+        target = first if into_first else second
+        target[:size] = source[:size]
+        _heap_sort(target, 0, size - 1)
+        return target[k]
+
+    @numba.njit(**_JIT)
+    def _count_equal(values, value):
+        count = 0
+        for i in range(values.size):
+            count += values[i] == value
+        return count
+
+    @numba.njit(**_JIT)
+    def _around(row, kth, candidates, minima, scratch):
         """The kth smallest of `row` (uint32 keys, 0 < kth < row.size) and its neighbours in
         sorted order: (below, threshold, above), `above` 0 when kth is the last rank.
 
@@ -363,7 +444,8 @@ if numba is not None:
         the smallest with every bit flipped (which reverses the order). Candidates are the keys
         at or below P, the c-th smallest minimum of >= 2c disjoint strided groups of keys:
         every minimum is a distinct key, so at least c keys lie at or below P, and the c
-        smallest keys are all candidates (about 1.4 c of them on random keys)."""
+        smallest keys are all candidates (about 1.4 c of them on random keys). `scratch`: twice
+        the row's length."""
         m = row.size
         free = m - kth
         if kth <= free - 1:
@@ -384,23 +466,21 @@ if numba is not None:
                     value = np.uint32(part[b] ^ flip)
                     if value < least[b]:
                         least[b] = value
-            count = _filter(row, _ranked(least, c), flip, candidates)
+            count = _filter(row, _smallest(least, c - 1, scratch[:groups], scratch[m:m + groups]), flip, candidates)
         else:
             for i in range(m):
                 candidates[i] = row[i] ^ flip
             count = m
         chosen = candidates[:count]
-        threshold = _ranked(chosen, q + 1)
+        threshold = _smallest(chosen, q, scratch[:count], scratch[m:m + count])
         below = equal = 0
         first, last = np.uint32(0), np.uint32(0xFFFFFFFF)  # ranks q - 1 and q + 1
-        for i in range(count):
+        for i in range(count):  # branch-free (vectorised)
             value = chosen[i]
             below += value < threshold
             equal += value == threshold
-            if value < threshold:
-                first = max(first, value)
-            if value > threshold:
-                last = min(last, value)
+            first = max(first, value if value < threshold else np.uint32(0))
+            last = min(last, value if value > threshold else np.uint32(0xFFFFFFFF))
         if below < q:
             first = threshold
         if below + equal > q + 1:
@@ -418,6 +498,7 @@ if numba is not None:
             longest = max(longest, lengths[layer])
         candidates = np.empty(longest, np.uint32)
         minima = np.empty(longest, np.uint32)
+        scratch = np.empty(2 * longest, np.uint32)
         for layer in range(lengths.size):
             if not marks[layer]:
                 continue
@@ -427,7 +508,7 @@ if numba is not None:
             for head in range(heads):
                 start = offsets[layer] + head * n
                 row = keys[start + sink:start + n - recent]
-                below, threshold, above = _around(row, kth, candidates, minima)
+                below, threshold, above = _around(row, kth, candidates, minima, scratch)
                 t = np.int64(threshold)
                 if slack and not (_SMALLEST_KEY <= t < _LARGEST_KEY):
                     fine = False
@@ -586,7 +667,7 @@ if numba is not None:
             spread[head] = largest < 0x7F800000 and total > np.float64(_bits_to_float(largest)) * (1.0 + 2.0**-16)
 
     @numba.njit(**_JIT)
-    def _select_rows(keys, heads, n, budget, sink, recent, slack, candidates, minima, masks):
+    def _select_rows(keys, heads, n, budget, sink, recent, slack, candidates, minima, scratch, masks):
         """The layer's masks (heads x n, flat) from its keys, as _select; True where every row's
         threshold is clear of its neighbours. With no slack the keys are the scores, so a tie at
         the threshold is settled here as select_keep settles it: the most recent ties stay."""
@@ -594,7 +675,7 @@ if numba is not None:
         fine = True
         for head in range(heads):
             row = keys[head * n + sink:head * n + n - recent].view(np.uint32)
-            below, threshold, above = _around(row, kth, candidates, minima)
+            below, threshold, above = _around(row, kth, candidates, minima, scratch)
             t = np.int64(threshold)
             clear = True
             if slack and not (_SMALLEST_KEY <= t < _LARGEST_KEY):
@@ -687,6 +768,7 @@ if numba is not None:
         second = np.empty(longest + 2 * half, np.float32)
         candidates = np.empty(longest, np.uint32)
         minima = np.empty(longest, np.uint32)
+        scratch = np.empty(2 * longest, np.uint32)
         sums = np.empty(heads, np.float64)
         spread = np.empty(heads, np.bool_)
         for layer in range(lengths.size):
@@ -711,7 +793,7 @@ if numba is not None:
             for head in range(heads):
                 fast &= spread[head]
             if not fast or not _select_rows(layer_keys, heads, n, budget, sink, recent, slack, candidates, minima,
-                                            masks[:heads * n]):
+                                            scratch, masks[:heads * n]):
                 status[layer] = 1
                 continue
             if not _compact_rows(masks[:heads * n], heads, n, old, budget, positions, new_positions, accumulate,
@@ -749,45 +831,46 @@ if numba is not None:
                       keys_out[start:start + heads * n], sums[row:row + heads], spread[row:row + heads])
             start += heads * n
 
-    _FINISH = _BOOL(_INT, _BOOL, _INT, _INDEX, _INDEX, _FLAGS, _READ_FLOATS, _READ_FLOATS, _READ_INTS, _INDEX,
-                    _INDEX, _READ_INTS, _INT, _INT, _INDEX, _INTS, _FLOATS, _INDEX, _BYTES, _BYTES)
+    _TOTALS = types.void(_INT, _INT, _INT, _INT, _BOOL, _INT, _INDEX, _INDEX, _INDEX, _INDEX, _INDEX, _READ_FLOATS,
+                         _INT, _INT, _DOUBLES, _FLAGS, _FLOATS)
 
-    @numba.njit(_FINISH, **_JIT)
-    def _finish(slack, accumulate, heads, lengths, budgets, fast, rows, keys, new_positions, tracked,
-                previous_offsets, previous_positions, sink, recent, kept_offsets, positions_out, accumulator_out,
-                packed_offsets, packed, status):
-        """_fused's selection and compaction from prepared rows and keys (flat in the report's
-        layout), for budgets decided from them (adaptive); `fast`: the layers whose keys rank."""
+    @numba.njit(_TOTALS, **_JIT)
+    def _totals(source, kind, kernel, deviation_kind, accumulate, heads, lengths, score_addresses,
+                deviation_addresses, tracked, previous_offsets, previous_accumulator, sink, recent, sums, spread,
+                totals):
+        """What a score-dependent allocator needs before any selection, with CAOTE's keys: each
+        row's float64 sum and guard, and per layer, for each token between the protected ones,
+        the float32 sum over heads of key x float32(1 / sum) (as _head_totals), the layers one
+        after the other. Rows and keys stay in cache (the decision recomputes them)."""
         longest = 1
         for layer in range(lengths.size):
             longest = max(longest, lengths[layer])
-        masks = np.empty(heads * longest, np.bool_)
-        candidates = np.empty(longest, np.uint32)
-        minima = np.empty(longest, np.uint32)
-        start = 0
+        half = kernel // 2
+        rows = np.empty(heads * longest, np.float32)
+        keys = np.empty(heads * longest, np.float32)
+        deviation = np.empty(longest, np.float32)
+        first = np.empty(longest + 2 * half, np.float32)
+        second = np.empty(longest + 2 * half, np.float32)
+        at = 0
         for layer in range(lengths.size):
             n, old = lengths[layer], tracked[layer]
-            budget = min(n, budgets[layer])
             before = previous_offsets[layer]
-            positions = previous_positions[before:before + heads * old]
-            layer_rows = rows[start:start + heads * n]
-            layer_keys = keys[start:start + heads * n]
-            start += heads * n
-            out = kept_offsets[layer]
-            status[layer] = 0
-            if budget == n:
-                _copy_rows(heads, n, old, positions, new_positions, accumulate, layer_rows, positions_out[out:],
-                           accumulator_out[out:])
-                continue
-            if not fast[layer] or not _select_rows(layer_keys, heads, n, budget, sink, recent, slack, candidates,
-                                                   minima, masks[:heads * n]):
-                status[layer] = 1
-                continue
-            if not _compact_rows(masks[:heads * n], heads, n, old, budget, positions, new_positions, accumulate,
-                                 layer_rows, positions_out[out:], accumulator_out[out:],
-                                 packed[packed_offsets[layer]:]):
-                return False
-        return True
+            earlier = previous_accumulator[before:before + heads * old] if accumulate else previous_accumulator[:0]
+            _score_rows(source, score_addresses[layer], kind, kernel, heads, n, earlier, old, first, second,
+                        rows[:heads * n])
+            row = layer * heads
+            _key_rows(KEYS_CAOTE, deviation_addresses[layer], deviation_kind, heads, n, rows[:heads * n], deviation,
+                      keys[:heads * n], sums[row:row + heads], spread[row:row + heads])
+            width = n - sink - recent
+            total = totals[at:at + width]
+            for j in range(width):
+                total[j] = 0.0
+            for head in range(heads):
+                scale = np.float32(1.0 / sums[row + head])
+                part = keys[head * n + sink:head * n + sink + width]
+                for j in range(width):
+                    total[j] += part[j] * scale
+            at += width
 
     @numba.njit(_BOOL(_FLAGS, _INT, _INT, _INT, _INT, _READ_INTS, _READ_INTS, _BOOL, _READ_FLOATS, _INTS, _FLOATS,
                       _BYTES), **_JIT)
@@ -797,6 +880,43 @@ if numba is not None:
                              positions_out, accumulator_out, packed)
 
     # --- adaptive allocation ----------------------------------------------------------------
+
+    @numba.njit(types.float32(_READ_FLOATS, _INT), **_JIT)
+    def _largest(pool, rank):
+        """The rank-th largest (1-based) of `pool` (float32 >= +0.0, so ordered as its bits)."""
+        bits = pool.view(np.uint32)
+        first = np.empty(pool.size, np.uint32)
+        second = np.empty(pool.size, np.uint32)
+        return _bits_to_float(_smallest(bits, pool.size - rank, first, second))
+
+    @numba.njit(types.intp(_READ_BITS32, _INDEX, types.uint32, types.uint32, _INDEX, _INDEX), **_JIT)
+    def _band(pool, starts, low, high, above, band):
+        """Per part of `pool` (float32 bits >= +0.0, parts from starts[i]), how many are > high;
+        the indices of those in [low, high], in order, at the start of `band`; returns how many."""
+        count = 0
+        for part in range(starts.size):
+            end = starts[part + 1] if part + 1 < starts.size else pool.size
+            values = pool[starts[part]:end]
+            greater = 0
+            for j in range(values.size):  # vectorised
+                greater += values[j] > high
+            above[part] = greater
+            # Few are in the band: 16 compared at once, a well-predicted branch.
+            address, width = values.ctypes.data, np.uint32(high - low)
+            whole = values.size - values.size % 16
+            for chunk in range(0, whole, 16):
+                inside = _inside16(address + 4 * chunk, low, width)
+                if inside:
+                    for lane in range(16):
+                        if (inside >> np.uint64(lane)) & np.uint64(1):
+                            band[count] = starts[part] + chunk + lane
+                            count += 1
+            for j in range(whole, values.size):
+                if low <= values[j] <= high:
+                    band[count] = starts[part] + j
+                    count += 1
+        return count
+
 
     @numba.njit(types.void(_READ_FLOATS, _READ_FLOATS, _INDEX, _INDEX, _INT, _FLAGS, _INT, _INT, _FLOATS), **_JIT)
     def _head_totals(keys, inverse, offsets, lengths, heads, competing, sink, recent, out):
@@ -946,18 +1066,21 @@ class Statistic:
     buffers: tuple[bytes, ...]
     addresses: np.ndarray
     kind: int
+    sizes: np.ndarray  # values per layer
 
     @classmethod
-    def of(cls, buffers: list[bytes], kind: int) -> Statistic:
+    def of(cls, buffers: list[bytes], kind: int, sizes: np.ndarray | None = None) -> Statistic:
+        """`buffers`: each layer's raw bytes (`sizes`: their values, counted if not given)."""
         cast, pointer = ctypes.cast, ctypes.c_void_p
+        if sizes is None:
+            itemsize = 4 if kind == FLOAT32 else 2
+            sizes = np.fromiter((len(b) // itemsize for b in buffers), dtype=np.intp, count=len(buffers))
         return cls(tuple(buffers), np.fromiter((cast(b, pointer).value or 0 for b in buffers), dtype=np.intp,
-                                               count=len(buffers)), kind)
+                                               count=len(buffers)), kind, np.asarray(sizes, np.intp))
 
     def check(self, non_negative: bool) -> bool:
         """Every value finite (and, where `non_negative`, >= +0.0, no -0.0): batch.decode_statistic's test."""
-        sizes = np.fromiter((len(b) // (4 if self.kind == FLOAT32 else 2) for b in self.buffers), dtype=np.intp,
-                            count=len(self.buffers))
-        return bool(_check(self.addresses, sizes, self.kind, non_negative))
+        return bool(_check(self.addresses, self.sizes, self.kind, non_negative))
 
     def layer(self, layer: int) -> np.ndarray:
         """Layer `layer`'s float32 values, flat (a fresh array)."""
@@ -1046,17 +1169,38 @@ def prepare(scoring: Scoring, score: Statistic, deviation: Statistic | None, hea
     return rows, keys, sums, spread
 
 
-def finish(scoring: Scoring, heads: int, lengths: np.ndarray, budgets: np.ndarray, fast: np.ndarray,
-           rows: np.ndarray, keys: np.ndarray, new_positions: np.ndarray, tracked: np.ndarray,
-           previous_positions: np.ndarray, sink: int, recent: int) -> Decided:
-    """The rest of the decision from prepare()'s rows and keys, for the given budgets."""
+def totals(scoring: Scoring, score: Statistic, deviation: Statistic, heads: int, lengths: np.ndarray,
+           tracked: np.ndarray, previous_accumulators: np.ndarray | None, sink: int, recent: int
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's float64 sum and guard, and every layer's estimated totals (see _totals)."""
     accumulate = scoring.source == SOURCE_ACCUMULATED
-    decided = Decided.allocate(heads, lengths, budgets, accumulate)
-    ok = _finish(scoring.slack, accumulate, heads, lengths, np.asarray(budgets, np.intp),
-                 np.asarray(fast, np.bool_), _readonly(rows, np.float32), _readonly(keys, np.float32),
-                 _readonly(new_positions, np.int32), tracked, offsets_of(tracked, heads),
-                 _readonly(previous_positions, np.int32), sink, recent, decided.kept_offsets, decided.positions,
-                 decided.accumulators if accumulate else np.zeros(1, np.float32), decided.packed_offsets,
-                 decided.packed, decided.status)
-    assert ok, "a keep mask does not keep its layer's budget in every row"
-    return decided
+    sums, spread = np.empty(lengths.size * heads, np.float64), np.empty(lengths.size * heads, np.bool_)
+    out = np.empty(int(np.sum(lengths - sink - recent)), np.float32)
+    _totals(scoring.source, score.kind, scoring.kernel, deviation.kind, accumulate, heads, lengths, score.addresses,
+            deviation.addresses, tracked, offsets_of(tracked, heads),
+            _readonly(previous_accumulators if accumulate else np.zeros(1, np.float32), np.float32), sink, recent,
+            sums, spread, out)
+    return sums, spread, out
+
+
+def largest(pool: np.ndarray, rank: int) -> float:
+    """numpy.partition(pool, pool.size - rank)[pool.size - rank] for float32 pool >= +0.0."""
+    return float(_largest(_readonly(pool, np.float32), rank))
+
+
+def band(pool: np.ndarray, starts: np.ndarray, low: float, high: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per part of `pool` (float32 >= +0.0; parts from `starts`), how many values exceed `high`,
+    and the indices of the values within [low, high], both real numbers (0 < low <= high):
+    numpy's float64 comparisons, made on float32 bits. For float32 x, x > h exactly when x >
+    the largest float32 <= h, and x >= l when x >= the smallest float32 >= l."""
+    below_high = np.float32(high)
+    if float(below_high) > high:
+        below_high = np.nextafter(below_high, np.float32(0))
+    above_low = np.float32(low)
+    if float(above_low) < low:
+        above_low = np.nextafter(above_low, np.float32(np.inf))
+    above = np.empty(starts.size, np.intp)
+    indices = np.empty(pool.size, np.intp)
+    count = _band(_readonly(pool.view(np.uint32), np.uint32), np.asarray(starts, np.intp),
+                  np.uint32(above_low.view(np.uint32)), np.uint32(below_high.view(np.uint32)), above, indices)
+    return above, indices[:count]

@@ -66,8 +66,8 @@ class Ranking:
     """Every layer's scores of one report as the batched selection and allocation use them.
 
     `exact(layer)` is the policy's score of a layer, exactly as `Wrapper.score` computes it. The
-    fast path reads `keys` instead: float32, flat in `layout`, >= +0.0 (never NaN) in every layer
-    `fast` marks (None: all), ordered within each row like the exact scores wherever two keys
+    fast path reads `keys` instead (None where only the allocator's estimates are given):
+    float32, flat in `layout`, >= +0.0 (never NaN) in every layer `fast` marks (None: all), ordered within each row like the exact scores wherever two keys
     differ by more than `slack` units in the last place (0: keys are a monotone map of the
     scores, so only equal keys are ambiguous). `approximate()`, where given, estimates the exact
     scores, flat, within a relative error of `approx_error` in the layers `fast` marks: what the
@@ -85,6 +85,9 @@ class Ranking:
     approximate: Callable[[], np.ndarray] | None = None
     approx_error: float = 0.0
     approximate_totals: Callable[[Sequence[bool], int, int], np.ndarray] | None = None
+    # (layer, sink, recent, columns) -> float64 exact_layer(layer)[:, sink:length - recent]
+    # .sum(axis=0)[columns], without every token's exact score (the adaptive allocator's band).
+    exact_totals: Callable[[int, int, int, np.ndarray], np.ndarray] | None = None
     _exact: dict[int, np.ndarray] = field(default_factory=dict)
 
     def exact_layer(self, layer: int) -> np.ndarray:
@@ -94,7 +97,9 @@ class Ranking:
         return self._exact[layer]
 
     def fast_layer(self, layer: int) -> bool:
-        return self.keys is not None and (self.fast is None or bool(self.fast[layer]))
+        """Whether the keys (or, without keys, the estimates) hold in `layer` (see `fast`)."""
+        usable = self.keys is not None or self.approximate_totals is not None
+        return usable and (self.fast is None or bool(self.fast[layer]))
 
 
 # Keys below this are too close to float32's subnormals for `slack` ulps to bound their error;

@@ -121,21 +121,26 @@ def _bulk(request: pb.ReportBlockRequest, state: SessionState, layout: Layout
     dtypes = [req.wire_dtype(settings.statistics_dtype) for req in requirements]
     itemsizes = [4 if dtype == tensor_pb2.DTYPE_FLOAT32 else 2 for dtype in dtypes]
     heads = layout.heads
+    count = len(requirements)
     data: list[list[bytes]] = [[] for _ in requirements]
+    appends = [d.append for d in data]
     for index, (layer, length) in enumerate(zip(request.layers, layout.lengths)):
-        if layer.layer != index or layer.cache_length != length or len(layer.values) != len(requirements):
+        values = layer.values
+        if layer.layer != index or layer.cache_length != length or len(values) != count:
             return None
-        for k, tensor in enumerate(layer.values):
-            if tensor.dtype != dtypes[k] or len(tensor.shape) != 2 or tensor.shape[0] != heads or tensor.shape[1] != length:
+        shape = [heads, length]  # a repeated field compares equal to a list of its items
+        for k, tensor in enumerate(values):
+            if tensor.dtype != dtypes[k] or tensor.shape != shape:
                 return None
             raw = tensor.data
             if len(raw) != heads * length * itemsizes[k]:
                 return None
-            data[k].append(raw)
+            appends[k](raw)
     if kernels.enabled:
+        sizes = layout.lengths_array * heads
         raw = {}
         for k, requirement in enumerate(requirements):
-            statistic = kernels.Statistic.of(data[k], _KERNEL_KINDS[dtypes[k]])
+            statistic = kernels.Statistic.of(data[k], _KERNEL_KINDS[dtypes[k]], sizes)
             if not statistic.check(requirement.non_negative):
                 return None
             raw[requirement] = statistic

@@ -11,7 +11,7 @@ FastCAOTE: a_j / (1 - a_j) * ||v_j - mean v||.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -51,6 +51,30 @@ def caote_scores(attention: np.ndarray, excluded_deviation: np.ndarray) -> np.nd
     if full.any():
         a[full] = np.inf
     return a
+
+
+def caote_totals(attention: np.ndarray, excluded_deviation: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """caote_scores(attention, excluded_deviation) summed over the rows, at `columns` only:
+    exactly caote_scores(...)[:, columns_range].sum(axis=0) where numpy sums a 2-D array's
+    columns row after row (as the adaptive allocator's totals are summed), for a few columns
+    without scoring every token. Each score needs only its own weight, its row's float64 sum
+    (the same pairwise sum of the same row) and its deviation."""
+    a = np.array(attention, dtype=np.float64)
+    total = a.sum(axis=-1, keepdims=True)
+    picked = a[:, columns]
+    empty = total[..., 0] <= 0
+    if empty.any():
+        picked[empty] = 1.0
+        total[empty] = max(a.shape[-1], 1)
+    picked /= total
+    full = picked >= 1.0
+    picked *= excluded_deviation[:, columns]
+    if full.any():
+        picked[full] = np.inf
+    summed = picked[0].copy()
+    for row in picked[1:]:
+        summed += row
+    return summed
 
 
 def fast_caote_scores(attention: np.ndarray, mean_deviation: np.ndarray) -> np.ndarray:
@@ -258,15 +282,30 @@ class CAOTE(Wrapper):
                        approx_error=3 * 2.0**-24 + _sum_error(layout))
 
 
-def caote_ranking(layout: Layout, exact: Callable[[int], np.ndarray], keys: np.ndarray, sums: np.ndarray,
-                  spread: np.ndarray) -> Ranking:
+def caote_ranking(layout: Layout, exact: Callable[[int], np.ndarray], keys: np.ndarray | None, sums: np.ndarray,
+                  spread: np.ndarray, totals: tuple[np.ndarray, int, int] | None = None) -> Ranking:
     """CAOTE.rank_flat's Ranking from the kernels' keys, float64 row sums and guards (per row,
-    layer-major: kernels.caote_keys, kernels.prepare): a layer is fast where every row's guard
-    holds; the adaptive allocator's totals come from the keys scaled by 1 / S in one pass."""
+    layer-major: kernels.caote_keys, kernels.totals): a layer is fast where every row's guard
+    holds. The adaptive allocator's totals come from the keys scaled by 1 / S in one pass, or
+    are given: (every layer's totals, one after the other, and the sink and recent they leave
+    out), as kernels.totals computes them without keeping the keys."""
     fast = spread.reshape(len(layout.lengths), layout.heads).all(axis=-1).tolist()
+    if totals is not None:
+        every, sink, recent = totals
+        widths = np.asarray(layout.lengths) - sink - recent
+        starts = np.concatenate([[0], np.cumsum(widths)])
+
+        def given(competing: Sequence[bool], asked_sink: int, asked_recent: int) -> np.ndarray:
+            assert (asked_sink, asked_recent) == (sink, recent), "totals were computed for other protected tokens"
+            if all(competing):
+                return every
+            return np.concatenate([every[starts[layer]:starts[layer + 1]] for layer, c in enumerate(competing) if c])
+
+        return Ranking(layout, exact, None, fast, slack=8, approx_error=3 * 2.0**-24 + _float64_sum_error(layout) + 2.0**-40,
+                       approximate_totals=given)
     inverse = _inverse(sums)
     return Ranking(layout, exact, keys, fast, slack=8, approximate=lambda: _scaled(keys, inverse, layout),
-                   approx_error=3 * 2.0**-24 + _sum_error(layout),
+                   approx_error=3 * 2.0**-24 + _float64_sum_error(layout) + 2.0**-40,
                    approximate_totals=lambda competing, sink, recent: kernels.head_totals(
                        keys, inverse, layout.offsets_array, layout.lengths_array, layout.heads,
                        np.asarray(competing, np.bool_), sink, recent))
@@ -285,6 +324,12 @@ def _scaled(keys: np.ndarray, inverse: np.ndarray, layout: Layout) -> np.ndarray
     for start, stop, rows in layout.grouped_rows(keys):
         np.multiply(rows, inverse[start * layout.heads:stop * layout.heads, None], out=layout.rows(scaled, start, stop))
     return scaled
+
+
+def _float64_sum_error(layout: Layout) -> float:
+    """Relative error bound of a row's attention sum in float64, in any order (the kernels'):
+    (length - 1) 2**-53, taken as length 2**-52 (2**-40 more covers the roundings' products)."""
+    return max(layout.lengths, default=1) * 2.0**-52
 
 
 def _sum_error(layout: Layout) -> float:
