@@ -9,8 +9,15 @@ the adaptive allocator's uneven layers are measured as they really are).
 The `floor` row reads the statistics once (a max over every statistic's bytes): what no decision
 can go below. The `x floor` column is each policy's CPU p50 over the floor's.
 
-    .venv/bin/python benchmarks/perf_decision.py            # full: 32 layers, 60 reports a row
-    .venv/bin/python benchmarks/perf_decision.py --quick    # 3 layers, 6 reports a row (CI)
+Decisions run in the manager's compiled kernels (kvevict.cache_manager.kernels, numba) unless
+`--numpy` (or KVEVICT_KERNELS=0) asks for the numpy path; the caption says which. The kernels
+load when the manager is imported (before any timing here); `--first-report` measures, in fresh
+processes, that import and the first decisions after it, as a service starting would see them.
+
+    .venv/bin/python benchmarks/perf_decision.py                  # full: 32 layers, 60 reports a row
+    .venv/bin/python benchmarks/perf_decision.py --quick          # 3 layers, 6 reports a row (CI)
+    .venv/bin/python benchmarks/perf_decision.py --numpy          # the numpy path, for comparison
+    .venv/bin/python benchmarks/perf_decision.py --first-report   # start-up and first decisions
 
 Times are CPU time of this process (`time.process_time`) on one numpy thread, and wall time
 (`time.perf_counter`); the load average in the caption says how busy the machine was.
@@ -26,14 +33,19 @@ for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import cProfile  # noqa: E402
 import io  # noqa: E402
+import json  # noqa: E402
 import pstats  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from kvevict import wire  # noqa: E402
+from kvevict.cache_manager import kernels  # noqa: E402
 from kvevict.cache_manager.service import ManagerCore  # noqa: E402
 from kvevict.cache_manager.state import InMemoryStateStore  # noqa: E402
 from kvevict.policy_names import format_policy  # noqa: E402
@@ -168,9 +180,10 @@ def decision_table(quick: bool = False, rows: list[tuple[str, str, str]] | None 
         floors += floor
     floor_p50 = statistics.median(floors)
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    path = "compiled kernels (numba)" if kernels.enabled else "numpy path (kernels off)"
     lines = [
         f"ReportBlock decision in process, {shape.layers} layers x {shape.kv_heads} KV heads x ({shape.cached} + "
-        f"{shape.block}) tokens, float16 statistics, {shape.repeats} reports a row; "
+        f"{shape.block}) tokens, float16 statistics, {shape.repeats} reports a row, {path}; "
         f"target p50 <= {TARGET_P50_MS:g} ms, p99 <= {TARGET_P99_MS:g} ms CPU; load average {load}",
         "",
         "| policy | allocator | CPU ms p50 | CPU ms p99 | wall ms p50 | wall ms p99 | x floor |",
@@ -193,6 +206,57 @@ def profile_row(base: str, wrapper: str, allocator: str, shape: Shape, lines: in
     return out.getvalue()
 
 
+# Run in a fresh interpreter: the manager's import (kernels loaded from numba's cache, or
+# compiled), then a session filled to its budget and its first evicting reports.
+_FIRST_REPORT = """
+import json, sys, time
+started, started_cpu = time.perf_counter(), time.process_time()
+sys.path.insert(0, {here!r})
+from kvevict.cache_manager import kernels
+from kvevict.cache_manager.service import ManagerCore
+from kvevict.cache_manager.state import InMemoryStateStore
+imported, imported_cpu = time.perf_counter(), time.process_time()
+import perf_decision as perf
+shape = perf.Shape()
+core = ManagerCore(InMemoryStateStore())
+session = perf.open_session(core, {base!r}, {wrapper!r}, {allocator!r}, shape)
+reports = perf.Reports(session, shape)
+times = []
+for lengths, new in [([0] * shape.layers, shape.cached)] + [(None, shape.block)] * 3:
+    request = reports.next(lengths or core.store.get(session.session_id).cache_lengths, new)
+    began = time.process_time()
+    core.report_block(request)
+    times.append(time.process_time() - began)
+print(json.dumps(dict(kernels=kernels.enabled, import_s=imported - started, import_cpu_s=imported_cpu - started_cpu,
+                      reports_ms=[t * 1e3 for t in times])))
+"""
+
+
+def first_report(base: str = "h2o", wrapper: str = "caote", allocator: str = "uniform", runs: int = 2,
+                 environment: dict[str, str] | None = None) -> list[dict]:
+    """Fresh processes' start-up: the manager's import (s, wall and CPU) and CPU ms of the
+    first reports (the fill, then three evicting ones), `runs` times."""
+    code = _FIRST_REPORT.format(here=str(Path(__file__).resolve().parent), base=base, wrapper=wrapper,
+                                allocator=allocator)
+    results = []
+    for _ in range(runs):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, **(environment or {})})
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def first_report_lines(runs: int = 2) -> str:
+    lines = ["", "Start-up of a fresh process (caote+h2o/uniform): importing the manager, then CPU ms of its "
+             "first reports (the fill to the budget, then 3 evicting ones)", ""]
+    for label, environment in (("kernels (numba's cache)", {}), ("numpy path (KVEVICT_KERNELS=0)",
+                                                                 {"KVEVICT_KERNELS": "0"})):
+        for result in first_report(runs=runs, environment=environment):
+            lines.append(f"- {label}: import {result['import_s']:.2f} s wall ({result['import_cpu_s']:.2f} s CPU); "
+                         "reports " + ", ".join(f"{t:.1f}" for t in result["reports_ms"]) + " ms")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 layers, 6 reports a row (for CI)")
@@ -201,7 +265,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="reports timed per row")
     parser.add_argument("--profile", metavar="POLICY/ALLOCATOR", default=None,
                         help="print the cProfile top functions of one row instead of the table")
+    parser.add_argument("--numpy", action="store_true", help="the numpy path (the compiled kernels off)")
+    parser.add_argument("--first-report", action="store_true",
+                        help="also measure fresh processes' start-up and first reports, kernels and numpy")
     args = parser.parse_args(argv)
+    if args.numpy:
+        kernels.enabled = False
     shape = QUICK if args.quick else Shape()
     if args.repeats:
         shape = Shape(shape.layers, shape.kv_heads, shape.cached, shape.block, args.repeats)
@@ -214,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.only:
         rows = [row for row in ROWS if f"{format_policy(row[0], row[1])}/{row[2]}" in args.only]
     print(decision_table(args.quick, rows, shape))
+    if args.first_report:
+        print(first_report_lines())
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """benchmarks/perf_decision.py: its quick table (CI's) has a floor row, one row per requested
-policy x allocator with CPU and wall p50/p99, the load average, and runs in seconds."""
+policy x allocator with CPU and wall p50/p99, the load average and the decision path, and runs
+in seconds; --first-report times fresh processes' start-up and first decisions."""
 
 from __future__ import annotations
 
@@ -45,3 +46,17 @@ def test_every_row_spells_its_policy_as_policy_names_does() -> None:
     perf = load_script(SCRIPT)
     for base, wrapper, _ in perf.ROWS:
         assert parse_policy(format_policy(base, wrapper)) == (base, wrapper)
+
+
+def test_the_first_report_measure_starts_a_fresh_process_with_the_kernels_loaded() -> None:
+    """--first-report: a fresh interpreter imports the manager (the kernels from numba's cache)
+    and decides its first reports, each timed; the numpy path's run says it had no kernels."""
+    perf = load_script(SCRIPT)
+    from kvevict.cache_manager import kernels
+
+    (result,) = perf.first_report(runs=1)
+    assert result["kernels"] is kernels.enabled
+    assert result["import_s"] > 0 and len(result["reports_ms"]) == 4
+    assert all(t > 0 for t in result["reports_ms"])
+    (numpy_path,) = perf.first_report(runs=1, environment={"KVEVICT_KERNELS": "0"})
+    assert numpy_path["kernels"] is False

@@ -119,6 +119,8 @@ class Layout:
         return flat[start:stop].reshape(self.heads, self.lengths[layer])
 
     def layers(self, flat: np.ndarray) -> list[np.ndarray]:
+        if self.lengths and all(n == self.lengths[0] for n in self.lengths):  # one reshape, its layers
+            return list(flat[:self.size].reshape(len(self.lengths), self.heads, self.lengths[0]))
         return [self.layer(flat, layer) for layer in range(len(self.lengths))]
 
     def groups(self, keys: Sequence[object] | None = None) -> list[tuple[int, int]]:

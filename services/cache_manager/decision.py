@@ -146,8 +146,8 @@ def _decide_fused(state: SessionState, report: ValidatedReport, sequence: int,
     kept = Layout(heads, tuple(decided.kept.tolist()))
     next_state = state.evolve(
         layer_budgets=tuple(budgets),
-        positions=LayerStack.of(decided.positions, kept),
-        accumulators=LayerStack.of(decided.accumulators, kept) if policy.accumulates else (),
+        positions=LayerStack.of(_frozen(decided.positions), kept),
+        accumulators=LayerStack.of(_frozen(decided.accumulators), kept) if policy.accumulates else (),
         last_sequence=sequence,
         last_position=int(report.positions[-1]),
         last_response=response.SerializeToString(),
@@ -230,6 +230,12 @@ def _decide_batched(state: SessionState, report: ValidatedReport,
     stats = DecisionStats(num_kv_heads=heads, cache_lengths=tuple(lengths), layer_budgets=tuple(budgets),
                           evicted_errors=errors)
     return response, next_state, stats
+
+
+def _frozen(flat: np.ndarray) -> np.ndarray:
+    """A new state's buffer made read-only before its layer views are taken (they inherit it)."""
+    flat.flags.writeable = False
+    return flat
 
 
 def _add_keep(response: pb.ReportBlockResponse, layout: Layout, layer: int, budget: int, packed: bytes) -> None:

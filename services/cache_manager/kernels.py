@@ -42,16 +42,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-try:
-    import numba
-    from llvmlite import ir
-    from numba import types
-    from numba.core import cgutils
-    from numba.extending import intrinsic
-except ImportError:  # pragma: no cover - numba is a dependency; the numpy path stays correct
-    numba = None
+numba = None
+if os.environ.get("KVEVICT_KERNELS", "1") != "0":  # 0: not even imported (nor compiled)
+    try:
+        import numba
+        from llvmlite import ir
+        from numba import types
+        from numba.core import cgutils
+        from numba.extending import intrinsic
+    except ImportError:  # pragma: no cover - numba is a dependency; the numpy path stays correct
+        numba = None
 
-enabled: bool = numba is not None and os.environ.get("KVEVICT_KERNELS", "1") != "0"
+enabled: bool = numba is not None
 
 # Wire encodings `decode` reads.
 FLOAT16, BFLOAT16, FLOAT32 = 0, 1, 2
@@ -884,7 +886,8 @@ if numba is not None:
     @numba.njit(types.float32(_READ_FLOATS, _INT), **_JIT)
     def _largest(pool, rank):
         """The rank-th largest (1-based) of `pool` (float32 >= +0.0, so ordered as its bits)."""
-        bits = pool.view(np.uint32)
+        bits = np.empty(pool.size, np.uint32)  # a writable copy: _smallest's one specialisation
+        bits[:] = pool.view(np.uint32)
         first = np.empty(pool.size, np.uint32)
         second = np.empty(pool.size, np.uint32)
         return _bits_to_float(_smallest(bits, pool.size - rank, first, second))

@@ -43,7 +43,7 @@ def _frozen(array: np.ndarray) -> np.ndarray:
 def _frozen_layers(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
     """The arrays made read-only, as a tuple (a LayerStack stays one, its buffer read-only too)."""
     if isinstance(arrays, LayerStack):
-        return LayerStack([_frozen(a) for a in arrays], _frozen(arrays.flat))
+        return LayerStack([a if not a.flags.writeable else _frozen(a) for a in arrays], _frozen(arrays.flat))
     return tuple(_frozen(a) for a in arrays)
 
 
