@@ -202,3 +202,79 @@ def test_head_totals_are_the_summed_estimates() -> None:
                                                                                      None]
         expected.append(rows[:, sink:n - recent].sum(axis=0))
     np.testing.assert_array_equal(totals, np.concatenate(expected))
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "sorted", "reversed", "constant", "organ pipe"])
+def test_the_quickselect_finds_every_rank(kind: str) -> None:
+    """_smallest (the selection's quickselect on compress-stores, a heap sort past 64 rounds) is
+    np.partition's k-th value on inputs that defeat a median of three, at every rank."""
+    rng = np.random.default_rng(len(kind))
+    for size in (1, 2, 15, 16, 17, 33, 100, 1000):
+        if kind == "random":
+            values = rng.integers(0, 2**32, size, dtype=np.uint64).astype(np.uint32)
+        elif kind == "ties":
+            values = rng.integers(0, 3, size).astype(np.uint32)
+        elif kind == "sorted":
+            values = np.arange(size, dtype=np.uint32)
+        elif kind == "reversed":
+            values = np.arange(size, 0, -1).astype(np.uint32)
+        elif kind == "constant":
+            values = np.full(size, 7, np.uint32)
+        else:
+            values = np.concatenate([np.arange(size // 2), np.arange(size - size // 2, 0, -1)]).astype(np.uint32)
+        expected = np.sort(values)
+        first, second = np.empty(size, np.uint32), np.empty(size, np.uint32)
+        for k in sorted({0, size // 3, size // 2, size - 1}):
+            assert kernels._smallest(values.copy(), k, first, second) == expected[k], (size, k)
+
+
+def test_the_allocators_threshold_and_band_are_numpys() -> None:
+    """largest() is the partition's rank-th largest; band() counts and picks exactly what numpy's
+    float64 comparisons do, bounds that are not float32 values and values at the bounds included."""
+    rng = np.random.default_rng(9)
+    pool = (rng.random(5000) ** 3).astype(np.float32)
+    pool[::50] = pool[7]  # repeated values
+    starts = np.array([0, 1000, 1003, 4000])
+    for rank in (1, 17, 2500, 5000):
+        assert kernels.largest(pool, rank) == float(np.partition(pool, pool.size - rank)[pool.size - rank])
+    for estimate in (float(pool[7]), float(np.median(pool)), 0.3):
+        for beta in (2.0**-12, 1e-3, 0.05):
+            high, low = np.float64(estimate * (1 + beta)), np.float64(estimate * (1 - beta))
+            above, band = kernels.band(pool, starts, low, high)
+            np.testing.assert_array_equal(above, np.add.reduceat(pool > high, starts, dtype=np.int64))
+            np.testing.assert_array_equal(band, np.flatnonzero((pool >= low) & ~(pool > high)))
+    exact = np.float64(pool[7])
+    above, band = kernels.band(pool, starts, exact, exact)  # bounds equal to values in the pool
+    np.testing.assert_array_equal(band, np.flatnonzero(pool == pool[7]))
+
+
+@pytest.mark.parametrize("base", ["h2o", "snapkv", "tova", "valuenorm"])
+@pytest.mark.parametrize("wrapper,allocator", [("caote", "uniform"), ("caote", "adaptive"), ("none", "pyramid")])
+def test_policies_with_a_kernel_source_decide_in_the_fused_kernel(base: str, wrapper: str, allocator: str,
+                                                                   monkeypatch) -> None:
+    """The policies the kernels can score decide without the numpy path (which is not silently
+    taken), the budgets' estimates from the totals pass where budgets depend on scores; a report
+    the bulk check leaves to the exact path (a -0.0) is decided by the numpy path."""
+    from kvevict.cache_manager import decision
+    from tests.test_manager_support import open_request, start
+
+    taken = []
+    for name in ("_decide_fused", "_decide_batched"):
+        original = getattr(decision, name)
+        monkeypatch.setattr(decision, name, lambda *a, _f=original, _n=name: taken.append(_n) or _f(*a))
+    totals = []
+    original_totals = kernels.totals
+    monkeypatch.setattr(kernels, "totals", lambda *a, **k: totals.append(1) or original_totals(*a, **k))
+    session = start(open_request(base, wrapper, 24, sink=2, recent=3, allocator=allocator, num_layers=3,
+                                 num_kv_heads=2, num_query_heads=4, **({"window": 4, "pool_kernel": 3}
+                                                                       if base == "snapkv" else {})), seed=4)
+    for new in (30, 8, 8):
+        session.report(new)
+    assert taken == ["_decide_fused"] * 3
+    assert bool(totals) == (allocator == "adaptive")
+
+    def negative_zero(layer, requirement, shape):
+        return np.where(np.arange(shape[1]) == 3, -0.0, 0.5 + np.arange(shape[1]) / 100.0) * np.ones(shape)
+
+    session.report(8, values=negative_zero)
+    assert taken[-1] == "_decide_batched"

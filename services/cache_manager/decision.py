@@ -5,7 +5,10 @@ the next state and what the decision did (for the metrics), stores nothing.
 Sessions without sliding-window layers take the batched path: every layer at once, flat in the
 report's Layout (kvevict.cache_manager.batch), so each step is a few numpy calls over the whole
 model instead of a few per layer; it decides exactly as the per-layer path, which sliding-window
-sessions keep (tests/test_manager_fast_path.py holds both to the path as it was before).
+sessions keep (tests/test_manager_fast_path.py holds both to the path as it was before). Where
+the policy has a kernel source (Wrapper.kernel_scoring: h2o, snapkv, tova, valuenorm, bare or
+under CAOTE) and the compiled kernels are on, the fused decision takes its place: one compiled
+pass per layer from the wire's bytes (kvevict.cache_manager.kernels), the same answer.
 
 Sliding-window layers: the tokens no later query can see in any head were dropped before the
 report (validation counted them; the worker dropped them too). What is left unseen is a head's
@@ -129,8 +132,10 @@ def _decide_fused(state: SessionState, report: ValidatedReport, sequence: int,
     else:
         ranking = Ranking(layout, exact)
         budgets = allocator.allocate_flat(state.layer_budgets, lengths, None)
+    # After kernels.totals' pass in layer order, backwards: the last layers' data may still be cached.
     decided = kernels.fused(scoring, score, deviation, heads, layout.lengths_array, np.asarray(budgets, np.intp),
-                            new_positions, tracked, previous_positions, previous_accumulators, sink, recent)
+                            new_positions, tracked, previous_positions, previous_accumulators, sink, recent,
+                            backwards=allocator.needs_scores)
     for layer in np.flatnonzero(decided.status).tolist():
         keep = select_keep(ranking.exact_layer(layer), budgets[layer], sink, recent)
         decided.compact_layer(layer, keep, state.positions[layer], new_positions,

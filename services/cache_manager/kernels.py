@@ -1,37 +1,37 @@
-"""Compiled kernels (numba) for the batched decision's hot path, each equal to the numpy code it
+"""Compiled kernels (numba) for the decision's hot path, each equal to the numpy code it
 replaces, bit for bit.
 
 A Llama-3.1-8B-shaped report holds 2 x 1.08 M statistics; numpy spends most of a decision on
-temporaries and extra passes (decode, accumulate, keys, partition, boolean gathers). These loops
-make one pass per step over each layer-row while it sits in cache:
-
-- `decode`: the wire's float16 (the CPU's exact conversion), bfloat16 or float32 bits to
-  float32, checked for NaN, infinities and negatives in the same pass.
-- `accumulate`: H2O's previous accumulators added into the decoded attention.
-- `max_pool`: SnapKV's same-size max-pool along each row.
-- `caote_keys`: CAOTE's float32 keys (attention x deviation), each row's float64 sum and
-  whether no token holds (nearly) all of the row's weight.
-- `select`: each row's threshold key and keep mask (see `_around`); a layer where some row's
-  neighbours of the threshold lie within the keys' slack is left to the exact scores, as
-  selection.select_keep_flat leaves it.
-- `compact`: the kept positions and accumulators in cache order, and the bit-packed masks.
-- `head_totals`: the adaptive allocator's estimated totals over heads.
+temporaries and passes over them. The fused decision (`fused`) instead takes each layer once,
+its rows in cache while they are used: per row, the statistics decoded from the wire's bytes
+where protobuf keeps them (float16 by the CPU's exact conversion, bfloat16, float32), the score
+(as decoded, accumulated with H2O's previous accumulators, or max-pooled as SnapKV), CAOTE's
+float32 keys with the row's float64 sum and guard, the threshold (`_around`) and keep mask, then
+the kept positions and accumulators compacted in cache order and the mask bit-packed. A layer
+it cannot decide from its keys (a token holding nearly all of a row's weight, a threshold
+within the keys' slack of a neighbour) is left to the caller's exact scores (`Decided.status`).
+Where budgets depend on every layer's scores (adaptive), `totals` first gives the allocator
+its estimates in a pass that keeps nothing but them (the fused pass recomputes the rows), and
+`largest` / `band` its threshold and band. Validation checks the raw bytes (`Statistic.check`).
+The numpy path of policies without a kernel source uses the single steps: `decode`,
+`accumulate`, `max_pool`, `caote_keys`, `select`, `compact`, `head_totals`.
 
 Every float operation that feeds a decision is the one numpy performs (no fast-math, no
 contraction), so it gives the same bits. The only exception is each row's attention sum: a
 guard compared with a margin, and a scale of the adaptive allocator's estimates, whose error
-bounds (wrappers.CAOTE.rank_flat) are written for float32 sums; summed in float64 in any order,
-it is far inside them. Index expressions are loop counters over slices (never `i + offset`,
-which numba must check for wrap-around): that is what lets LLVM vectorise the loops. Three
-LLVM intrinsics do what numba cannot express: the float16 conversion, a compress-store of the
-16 lanes a mask selects (AVX-512's vpcompressd; LLVM expands it elsewhere), and a population
-count.
+bounds (wrappers.caote_ranking) hold for a float64 sum in any order. Index expressions are loop
+counters over slices (never `i + offset`, which numba must check for wrap-around): that is what
+lets LLVM vectorise the loops. LLVM intrinsics do what numba cannot express: the float16
+conversion, bit casts and unaligned loads, and compress-stores of the 16 lanes a mask or a
+comparison selects (AVX-512's vpcompressd; LLVM expands it on other CPUs) with their population
+count: the selection's filters and quickselect, and the compaction.
 
 The dispatchers are compiled for explicit signatures when this module is imported (the
-manager's start-up), from numba's on-disk cache after the first time (NUMBA_CACHE_DIR, else
-__pycache__ or the user's cache); `nogil` lets decisions of different sessions run in
-parallel threads. `enabled` is False when numba is missing or KVEVICT_KERNELS=0: the manager
-then runs the numpy path, which tests/test_manager_fast_path.py holds to the same reference.
+manager's start-up: ~20 s the first time on a machine, then ~0.6 s from numba's on-disk cache:
+NUMBA_CACHE_DIR, else __pycache__ or the user's cache); none compiles on a report. `nogil` lets
+decisions of different sessions run in parallel threads. `enabled` is False when numba is
+missing or KVEVICT_KERNELS=0 (then not even imported): the manager runs the numpy path, which
+tests/test_manager_fast_path.py holds to the same reference as the kernels.
 """
 
 from __future__ import annotations
@@ -746,18 +746,20 @@ if numba is not None:
                 accumulator_out[out:out + n] = rows[head * n:(head + 1) * n]
 
     _FUSED = _BOOL(_INT, _INT, _INT, _INT, _INT, _INT, _BOOL, _INT, _INDEX, _INDEX, _INDEX, _INDEX, _READ_INTS,
-                   _INDEX, _INDEX, _READ_INTS, _READ_FLOATS, _INT, _INT, _INDEX, _INTS, _FLOATS, _INDEX, _BYTES, _BYTES)
+                   _INDEX, _INDEX, _READ_INTS, _READ_FLOATS, _INT, _INT, _INDEX, _INTS, _FLOATS, _INDEX, _BYTES, _BYTES,
+                   _BOOL)
 
     @numba.njit(_FUSED, **_JIT)
     def _fused(source, kind, kernel, keys_kind, deviation_kind, slack, accumulate,
                heads, lengths, budgets, score_addresses, deviation_addresses, new_positions,
                tracked, previous_offsets, previous_positions, previous_accumulator, sink, recent,
-               kept_offsets, positions_out, accumulator_out, packed_offsets, packed, status):
+               kept_offsets, positions_out, accumulator_out, packed_offsets, packed, status, backwards):
         """Every layer of a report whose budgets are known (uniform, pyramid): scores, keys,
         selection and compaction in one pass per layer. status[layer]: 0 decided here, 1 left
         to the exact scores (a row where a token holds nearly all the weight, a threshold within
         the slack of a neighbour), its outputs not written. False if a layer's masks do not keep
-        its budget (a bug: nothing may be used)."""
+        its budget (a bug: nothing may be used). `backwards`: the last layer first (after a pass
+        in layer order, what it read last is the likeliest still in cache)."""
         longest = 1
         for layer in range(lengths.size):
             longest = max(longest, lengths[layer])
@@ -773,7 +775,8 @@ if numba is not None:
         scratch = np.empty(2 * longest, np.uint32)
         sums = np.empty(heads, np.float64)
         spread = np.empty(heads, np.bool_)
-        for layer in range(lengths.size):
+        for index in range(lengths.size):
+            layer = lengths.size - 1 - index if backwards else index
             n, old = lengths[layer], tracked[layer]
             budget = min(n, budgets[layer])
             before = previous_offsets[layer]
@@ -1137,7 +1140,7 @@ class Decided:
 
 def fused(scoring: Scoring, score: Statistic, deviation: Statistic | None, heads: int, lengths: np.ndarray,
           budgets: np.ndarray, new_positions: np.ndarray, tracked: np.ndarray, previous_positions: np.ndarray,
-          previous_accumulators: np.ndarray | None, sink: int, recent: int) -> Decided:
+          previous_accumulators: np.ndarray | None, sink: int, recent: int, backwards: bool = False) -> Decided:
     """A whole decision for budgets known in advance: see _fused."""
     accumulate = scoring.source == SOURCE_ACCUMULATED
     decided = Decided.allocate(heads, lengths, budgets, accumulate)
@@ -1149,7 +1152,7 @@ def fused(scoring: Scoring, score: Statistic, deviation: Statistic | None, heads
                 _readonly(previous_accumulators if accumulate else np.zeros(1, np.float32), np.float32), sink, recent,
                 decided.kept_offsets, decided.positions,
                 decided.accumulators if accumulate else np.zeros(1, np.float32), decided.packed_offsets,
-                decided.packed, decided.status)
+                decided.packed, decided.status, backwards)
     assert ok, "a keep mask does not keep its layer's budget in every row"
     return decided
 

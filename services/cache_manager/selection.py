@@ -67,9 +67,10 @@ class Ranking:
 
     `exact(layer)` is the policy's score of a layer, exactly as `Wrapper.score` computes it. The
     fast path reads `keys` instead (None where only the allocator's estimates are given):
-    float32, flat in `layout`, >= +0.0 (never NaN) in every layer `fast` marks (None: all), ordered within each row like the exact scores wherever two keys
-    differ by more than `slack` units in the last place (0: keys are a monotone map of the
-    scores, so only equal keys are ambiguous). `approximate()`, where given, estimates the exact
+    float32, flat in `layout`, >= +0.0 (never NaN) in every layer `fast` marks (None: all),
+    ordered within each row like the exact scores wherever two keys differ by more than `slack`
+    units in the last place (0: keys are a monotone map of the scores, so only equal keys are
+    ambiguous). `approximate()`, where given, estimates the exact
     scores, flat, within a relative error of `approx_error` in the layers `fast` marks: what the
     adaptive allocator decides from (budgets.Adaptive.allocate_flat), exactly.
     `approximate_totals(competing, sink, recent)`, where given, is what the allocator sums from
@@ -120,7 +121,9 @@ def select_keep_flat(ranking: Ranking, budgets: Sequence[int], sink: int, recent
     keys' slack, the keys and the exact scores put the same tokens above and below it, so the
     kept set is exactly the top `budget - sink - recent` by score. A layer where some row has a
     neighbour that close (a tie, or scores the keys cannot tell apart), or that the ranking
-    leaves to the exact scores, is selected by select_keep on its exact scores.
+    leaves to the exact scores, is selected by select_keep on its exact scores. With the
+    compiled kernels, one call finds every marked row's threshold and neighbours the same
+    (kernels.select, without a partition's copy).
     """
     layout = ranking.layout
     keep = np.ones(layout.size, dtype=bool)
