@@ -278,3 +278,52 @@ def test_policies_with_a_kernel_source_decide_in_the_fused_kernel(base: str, wra
 
     session.report(8, values=negative_zero)
     assert taken[-1] == "_decide_batched"
+
+
+def test_the_pairwise_sum_is_numpys_bit_for_bit() -> None:
+    """_pairwise reproduces numpy's float64 sum of a row (the sum caote_scores normalises by), on
+    rows of every length class and magnitudes that make the order of additions show."""
+    rng = np.random.default_rng(10)
+    for n in list(range(1, 300)) + [1000, 4095, 4096, 4224, 8191, 20000]:
+        rows = (rng.random((3, n)) * 10.0 ** rng.integers(-12, 12, (3, n))).astype(np.float32).astype(np.float64)
+        expected = rows.sum(axis=-1, keepdims=True)[:, 0]
+        got = np.array([kernels._pairwise(row, n) for row in rows])
+        np.testing.assert_array_equal(got.view(np.uint64), expected.view(np.uint64), err_msg=f"length {n}")
+
+
+@pytest.mark.parametrize("source,kind", [("h2o", kernels.FLOAT16), ("snapkv", kernels.BFLOAT16),
+                                         ("tova", kernels.FLOAT32)])
+def test_exact_totals_are_the_exact_scores_summed(source: str, kind: int) -> None:
+    """exact_totals() at a few columns equals wrappers.caote_totals and the full exact scores'
+    head sums (what the adaptive allocator ranks), rows of zeros and a token holding all the
+    weight included."""
+    from kvevict.cache_manager.wrappers import caote_scores, caote_totals
+
+    rng = np.random.default_rng(len(source))
+    heads, lengths, tracked = 3, np.array([40, 25, 33], np.intp), np.array([30, 15, 23], np.intp)
+    scoring = {"h2o": kernels.Scoring(kernels.SOURCE_ACCUMULATED, 1, kernels.KEYS_CAOTE, 8),
+               "snapkv": kernels.Scoring(kernels.SOURCE_POOLED, 3, kernels.KEYS_CAOTE, 8),
+               "tova": kernels.Scoring(kernels.SOURCE_PLAIN, 1, kernels.KEYS_CAOTE, 8)}[source]
+    encode = {kernels.FLOAT16: lambda x: x.astype(np.float16).tobytes(),
+              kernels.BFLOAT16: lambda x: (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes(),
+              kernels.FLOAT32: lambda x: x.astype(np.float32).tobytes()}[kind]
+    attention = [rng.random((heads, n)) for n in lengths]
+    attention[1][0] = 0.0  # a row of zeros
+    attention[2][1] = 1e-30  # a token with (nearly) all the weight
+    attention[2][1, 7] = 1.0
+    deviation = [rng.random((heads, n)) for n in lengths]
+    score = kernels.Statistic.of([encode(a) for a in attention], kind)
+    dev = kernels.Statistic.of([encode(d) for d in deviation], kind)
+    previous = (rng.random(int((tracked * heads).sum())) * 5).astype(np.float32)
+    layers = np.array([0, 0, 1, 2, 2, 2], np.intp)
+    columns = np.array([3, 17, 0, 7, 8, 30], np.intp)
+    got = kernels.exact_totals(scoring, score, dev, heads, lengths, tracked,
+                               previous if source == "h2o" else None, layers, columns)
+    for layer in range(3):
+        rows = kernels.prepare(scoring, score, dev, heads, lengths, tracked,
+                               previous if source == "h2o" else None, range(layer, layer + 1))[0]
+        rows = rows.reshape(heads, lengths[layer])
+        devs = dev.layer(layer).reshape(heads, lengths[layer])
+        mine = layers == layer
+        np.testing.assert_array_equal(got[mine], caote_totals(rows, devs, columns[mine]))
+        np.testing.assert_array_equal(got[mine], caote_scores(rows, devs).sum(axis=0)[columns[mine]])

@@ -240,18 +240,17 @@ class Adaptive(BudgetAllocator):
             above_per_layer = np.add.reduceat(above, starts, dtype=np.int64)
             band = np.flatnonzero((pool >= low) & ~above)
         in_layer = np.searchsorted(starts, band, side="right") - 1
-        values = np.empty(band.size, np.float64)
-        for index in np.unique(in_layer):
-            layer = layers[index]
-            length = layout.lengths[layer]
-            mine = in_layer == index
-            columns = band[mine] - starts[index]
-            if ranking.exact_totals is not None:
-                values[mine] = ranking.exact_totals(layer, sink, recent, columns)
-                continue
-            # allocate()'s own sum, so the value is bit for bit the one it would rank.
-            exact_totals = ranking.exact_layer(layer)[:, sink:length - recent].sum(axis=0, dtype=np.float64)
-            values[mine] = exact_totals[columns]
+        if ranking.exact_totals is not None:
+            values = ranking.exact_totals(np.asarray(layers)[in_layer], band - starts[in_layer], sink, recent)
+        else:
+            values = np.empty(band.size, np.float64)
+            for index in np.unique(in_layer):
+                layer = layers[index]
+                length = layout.lengths[layer]
+                mine = in_layer == index
+                # allocate()'s own sum, so the value is bit for bit the one it would rank.
+                exact_totals = ranking.exact_layer(layer)[:, sink:length - recent].sum(axis=0, dtype=np.float64)
+                values[mine] = exact_totals[band[mine] - starts[index]]
         position = rank - int(above_per_layer.sum())  # T's rank among the band's exact totals
         if not 1 <= position <= band.size:
             return exact()

@@ -32,7 +32,7 @@ from kvevict.cache_manager.selection import Ranking, select_keep, select_keep_fl
 from kvevict.cache_manager.sliding import hidden
 from kvevict.cache_manager.state import SessionState
 from kvevict.cache_manager.validation import ValidatedReport
-from kvevict.cache_manager.wrappers import CAOTE, caote_ranking, caote_totals
+from kvevict.cache_manager.wrappers import CAOTE, caote_ranking
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
 
@@ -118,9 +118,10 @@ def _decide_fused(state: SessionState, report: ValidatedReport, sequence: int,
         """The policy's score of the layer (Wrapper.score_rows of the base's score rows)."""
         return policy.score_rows(layer_rows(layer), layer_deviation(layer))
 
-    def exact_totals(layer: int, sink: int, recent: int, columns: np.ndarray) -> np.ndarray:
-        """The layer's exact scores summed over heads at a few middle columns (caote_totals)."""
-        return caote_totals(layer_rows(layer), layer_deviation(layer), sink + columns)
+    def exact_totals(layers: np.ndarray, columns: np.ndarray, sink: int, recent: int) -> np.ndarray:
+        """Exact scores summed over heads at a few middle columns (wrappers.caote_totals), compiled."""
+        return kernels.exact_totals(scoring, score, deviation, heads, layout.lengths_array, tracked,
+                                    previous_accumulators, layers, sink + columns)
 
     if allocator.needs_scores:
         assert scoring.keys == kernels.KEYS_CAOTE, "score-dependent budgets need output-error keys"

@@ -836,6 +836,112 @@ if numba is not None:
                       keys_out[start:start + heads * n], sums[row:row + heads], spread[row:row + heads])
             start += heads * n
 
+    @numba.njit(**_JIT)
+    def _block_sum(values, start, n):
+        """numpy's pairwise_sum of at most 128 float64: 8 partial sums, then the rest."""
+        if n < 8:
+            total = 0.0
+            for i in range(n):
+                total += values[start + i]
+            return total
+        r0, r1, r2, r3 = values[start], values[start + 1], values[start + 2], values[start + 3]
+        r4, r5, r6, r7 = values[start + 4], values[start + 5], values[start + 6], values[start + 7]
+        i = 8
+        while i < n - n % 8:
+            r0 += values[start + i]
+            r1 += values[start + i + 1]
+            r2 += values[start + i + 2]
+            r3 += values[start + i + 3]
+            r4 += values[start + i + 4]
+            r5 += values[start + i + 5]
+            r6 += values[start + i + 6]
+            r7 += values[start + i + 7]
+            i += 8
+        total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        while i < n:
+            total += values[start + i]
+            i += 1
+        return total
+
+    @numba.njit(**_JIT)
+    def _pairwise(values, n):
+        """numpy's float64 sum of values[:n] (its pairwise_sum: blocks of at most 128 summed by
+        _block_sum, longer runs halved at a multiple of 8, the halves' sums added), bit for bit:
+        what a row's sum(axis=-1) gives (tests/test_manager_kernels.py holds it to numpy's). The
+        recursion walked with a stack (numba caches no recursive function)."""
+        starts = np.empty(64, np.intp)
+        sizes = np.empty(64, np.intp)
+        split = np.zeros(64, np.bool_)
+        partial = np.empty(64, np.float64)
+        top, done = 0, 0
+        starts[0], sizes[0] = 0, n
+        while top >= 0:
+            start, size = starts[top], sizes[top]
+            if size <= 128:
+                partial[done] = _block_sum(values, start, size)
+                done += 1
+                top -= 1
+            elif not split[top]:
+                split[top] = True
+                half = size // 2
+                half -= half % 8
+                starts[top + 1], sizes[top + 1], split[top + 1] = start + half, size - half, False
+                starts[top + 2], sizes[top + 2], split[top + 2] = start, half, False
+                top += 2
+            else:  # both halves summed: the left's, then the right's
+                partial[done - 2] = partial[done - 2] + partial[done - 1]
+                done -= 1
+                top -= 1
+        return partial[0]
+
+    _EXACT_TOTALS = types.void(_INT, _INT, _INT, _INT, _BOOL, _INT, _INDEX, _INDEX, _INDEX, _INDEX, _INDEX,
+                               _READ_FLOATS, _INDEX, _INDEX, _DOUBLES)
+
+    @numba.njit(_EXACT_TOTALS, **_JIT)
+    def _exact_totals(source, kind, kernel, deviation_kind, accumulate, heads, lengths, score_addresses,
+                      deviation_addresses, tracked, previous_offsets, previous_accumulator, layers, columns, out):
+        """wrappers.caote_totals for a few (layer, column) entries (grouped by layer): each
+        layer's score rows again, each row's numpy float64 sum (_pairwise), and at each column
+        caote_scores' operations in its order, summed over heads one after the other."""
+        longest = 1
+        for layer in range(lengths.size):
+            longest = max(longest, lengths[layer])
+        half = kernel // 2
+        rows = np.empty(heads * longest, np.float32)
+        deviation = np.empty(heads * longest, np.float32)
+        widened = np.empty(longest, np.float64)
+        first = np.empty(longest + 2 * half, np.float32)
+        second = np.empty(longest + 2 * half, np.float32)
+        sums = np.empty(heads, np.float64)
+        entry = 0
+        while entry < layers.size:
+            layer = layers[entry]
+            n, old = lengths[layer], tracked[layer]
+            before = previous_offsets[layer]
+            earlier = previous_accumulator[before:before + heads * old] if accumulate else previous_accumulator[:0]
+            _score_rows(source, score_addresses[layer], kind, kernel, heads, n, earlier, old, first, second,
+                        rows[:heads * n])
+            _decode_into(deviation_addresses[layer], deviation_kind, 0, deviation[:heads * n])
+            for head in range(heads):
+                row = rows[head * n:(head + 1) * n]
+                wide = widened[:n]
+                for j in range(n):
+                    wide[j] = np.float64(row[j])
+                sums[head] = 0.0 + _pairwise(wide, n)
+            while entry < layers.size and layers[entry] == layer:
+                j = columns[entry]
+                total = 0.0
+                for head in range(heads):
+                    weight = np.float64(rows[head * n + j])
+                    row_sum = sums[head]
+                    if row_sum <= 0:  # a row of zeros weighs its tokens alike
+                        weight, row_sum = 1.0, np.float64(max(n, 1))
+                    weight /= row_sum
+                    score = np.inf if weight >= 1.0 else weight * np.float64(deviation[head * n + j])
+                    total = score if head == 0 else total + score
+                out[entry] = total
+                entry += 1
+
     _TOTALS = types.void(_INT, _INT, _INT, _INT, _BOOL, _INT, _INDEX, _INDEX, _INDEX, _INDEX, _INDEX, _READ_FLOATS,
                          _INT, _INT, _DOUBLES, _FLAGS, _FLOATS)
 
@@ -1210,3 +1316,18 @@ def band(pool: np.ndarray, starts: np.ndarray, low: float, high: float) -> tuple
     count = _band(_readonly(pool.view(np.uint32), np.uint32), np.asarray(starts, np.intp),
                   np.uint32(above_low.view(np.uint32)), np.uint32(below_high.view(np.uint32)), above, indices)
     return above, indices[:count]
+
+
+def exact_totals(scoring: Scoring, score: Statistic, deviation: Statistic, heads: int, lengths: np.ndarray,
+                 tracked: np.ndarray, previous_accumulators: np.ndarray | None, layers: np.ndarray,
+                 columns: np.ndarray) -> np.ndarray:
+    """For each (layers[i], columns[i]) (grouped by layer; columns of the whole row): the layer's
+    exact CAOTE scores summed over heads at that column, as wrappers.caote_totals (see
+    _exact_totals), float64."""
+    accumulate = scoring.source == SOURCE_ACCUMULATED
+    out = np.empty(len(layers), np.float64)
+    _exact_totals(scoring.source, score.kind, scoring.kernel, deviation.kind, accumulate, heads, lengths,
+                  score.addresses, deviation.addresses, tracked, offsets_of(tracked, heads),
+                  _readonly(previous_accumulators if accumulate else np.zeros(1, np.float32), np.float32),
+                  np.asarray(layers, np.intp), np.asarray(columns, np.intp), out)
+    return out

@@ -86,9 +86,10 @@ class Ranking:
     approximate: Callable[[], np.ndarray] | None = None
     approx_error: float = 0.0
     approximate_totals: Callable[[Sequence[bool], int, int], np.ndarray] | None = None
-    # (layer, sink, recent, columns) -> float64 exact_layer(layer)[:, sink:length - recent]
-    # .sum(axis=0)[columns], without every token's exact score (the adaptive allocator's band).
-    exact_totals: Callable[[int, int, int, np.ndarray], np.ndarray] | None = None
+    # (layers, columns, sink, recent) -> float64 exact_layer(layers[i])[:, sink:length - recent]
+    # .sum(axis=0)[columns[i]] for each i (grouped by layer), without every token's exact score
+    # (the adaptive allocator's band).
+    exact_totals: Callable[[np.ndarray, np.ndarray, int, int], np.ndarray] | None = None
     _exact: dict[int, np.ndarray] = field(default_factory=dict)
 
     def exact_layer(self, layer: int) -> np.ndarray:
