@@ -327,3 +327,22 @@ def test_exact_totals_are_the_exact_scores_summed(source: str, kind: int) -> Non
         mine = layers == layer
         np.testing.assert_array_equal(got[mine], caote_totals(rows, devs, columns[mine]))
         np.testing.assert_array_equal(got[mine], caote_scores(rows, devs).sum(axis=0)[columns[mine]])
+
+
+def test_recycled_buffers_are_handed_out_again_only_once_nothing_refers_to_them() -> None:
+    pool = kernels.Recycled(per_size=2, sizes=2)
+    first = pool.empty(1000, np.int32)
+    view = first[10:20]
+    first.flags.writeable = False
+    del first
+    second = pool.empty(1000, np.int32)
+    assert not np.shares_memory(second, view), "a buffer a view still refers to was handed out"
+    address = second.ctypes.data
+    del second
+    again = pool.empty(1000, np.int32)
+    assert again.ctypes.data == address and again.flags.writeable  # free: reused, writable again
+    other = pool.empty(1000, np.float32)
+    assert other.dtype == np.float32 and other.ctypes.data != address
+    for size in (1, 2, 3):  # older sizes are forgotten, never more than `sizes` kept
+        pool.empty(size, np.int8)
+    assert len(pool._buffers) == 2

@@ -38,6 +38,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -1182,8 +1185,10 @@ class Statistic:
 
     @classmethod
     def of(cls, buffers: list[bytes], kind: int, sizes: np.ndarray | None = None) -> Statistic:
-        """`buffers`: each layer's raw bytes (`sizes`: their values, counted if not given)."""
+        """`buffers`: each layer's raw bytes (`sizes`: their values, counted if not given); any
+        other bytes-like object is copied to bytes (ctypes gives a bytes object's own buffer)."""
         cast, pointer = ctypes.cast, ctypes.c_void_p
+        buffers = [b if type(b) is bytes else bytes(b) for b in buffers]
         if sizes is None:
             itemsize = 4 if kind == FLOAT32 else 2
             sizes = np.fromiter((len(b) // itemsize for b in buffers), dtype=np.intp, count=len(buffers))
@@ -1199,6 +1204,44 @@ class Statistic:
         out = decode(self.buffers[layer], self.kind, False)
         assert out is not None, "checked values decode"
         return out
+
+
+class Recycled:
+    """Big buffers (a state's positions and accumulators) handed out again once nothing refers
+    to them any more: a freed 4 MB array goes back to malloc, which gives it back to the kernel
+    once enough is free at the top of its heap, and the next one then costs ~1000 page faults
+    (~0.5 ms here, the decisions' slowest percentile). A buffer is free when only this pool
+    holds it (every numpy view holds its base); at most `per_size` are kept per (dtype, size),
+    for the `sizes` most recent sizes."""
+
+    def __init__(self, per_size: int = 16, sizes: int = 8) -> None:
+        self.per_size, self.sizes = per_size, sizes
+        self._buffers: OrderedDict[tuple[str, int], list[np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def empty(self, size: int, dtype) -> np.ndarray:
+        """A writable 1-D array of `size` (uninitialised), reused where one is free."""
+        key = (np.dtype(dtype).str, size)
+        with self._lock:
+            buffers = self._buffers.get(key)
+            if buffers is None:
+                buffers = self._buffers[key] = []
+                if len(self._buffers) > self.sizes:
+                    self._buffers.popitem(last=False)
+            else:
+                self._buffers.move_to_end(key)
+            for array in buffers:
+                if sys.getrefcount(array) == 3:  # the list, `array` and the call's argument
+                    array.flags.writeable = True
+                    return array
+            array = np.empty(size, dtype)
+            buffers.append(array)
+            if len(buffers) > self.per_size:
+                buffers.pop(0)  # no longer tracked (whoever holds it keeps it)
+            return array
+
+
+_recycled = Recycled()
 
 
 @dataclass
@@ -1222,8 +1265,8 @@ class Decided:
         packed_offsets = np.zeros(lengths.size + 1, np.intp)
         np.cumsum(np.where(kept < lengths, (lengths + 7) // 8 * heads, 0), out=packed_offsets[1:])
         total = int(kept_offsets[-1])
-        return cls(kept, kept_offsets, np.empty(total, np.int32),
-                   np.empty(total, np.float32) if accumulate else None,
+        return cls(kept, kept_offsets, _recycled.empty(total, np.int32),
+                   _recycled.empty(total, np.float32) if accumulate else None,
                    np.empty(int(packed_offsets[-1]) + 8, np.uint8),  # _compress reads 8 bytes at a time
                    packed_offsets, np.zeros(lengths.size, np.uint8))
 
