@@ -21,6 +21,17 @@ processes, that import and the first decisions after it, as a service starting w
 
 Times are CPU time of this process (`time.process_time`) on one numpy thread, and wall time
 (`time.perf_counter`); the load average in the caption says how busy the machine was.
+
+Measured here (2 shared cores, AMD EPYC with AVX-512, load average 1-1.7 from another job), CPU
+ms p50 / p99 of the kernels against the numpy path of commit 3f74f81, run alternately:
+caote+h2o uniform 2.8-3.1 / 4.2-5.3 (was 6.6-6.8 / 14-15), caote+snapkv uniform 2.2-2.7 /
+3.3-4 (was 6.2-6.6 / 15), caote+h2o adaptive 3.8-4.3 / 4.6-7 (was 7.6-10.9 / 15-22),
+caote+snapkv adaptive 3.2-3.4 / 4-4.8 (was 7.7-8.6 / 13-16). Adaptive budgets stay about 1 ms
+above uniform ones: every layer's estimated totals are needed before any layer is selected, a
+second pass over the statistics (kernels.totals) and the allocation. A fresh process imports the
+manager in ~0.7 s (the kernels from numba's cache; ~20 s the first time on a machine) and decides
+its first reports in 4-9 ms, then at the steady rate. This machine's speed drifts by up to 1.5x
+within an hour (both paths alike): compare rows measured side by side.
 """
 
 from __future__ import annotations
