@@ -46,8 +46,10 @@ PROMETHEUS_READY = re.compile(r"Server is ready to receive web requests")
 GRAFANA_VARIABLES = {"$__rate_interval": "2m", "$__interval": "5s", "$__range": "5m"}
 RUN_WINDOW = "3m"  # longer than the whole run: what a time series panel over the run shows
 SESSION_TTL_S = 3
-# Three senders: while two requests wait behind the running one, the queue is not empty.
-LOAD = ["--requests", "6", "--concurrency", "3", "--interval", "0", "--max-new-tokens", "48", "--budget", "32",
+# Three senders: while two requests wait behind the running one, the queue is not empty. Each
+# generation is long enough (about a second on the demo model) for 1 s scrapes to see its cache:
+# the KV gauges are non-zero only while a generation holds one.
+LOAD = ["--requests", "6", "--concurrency", "3", "--interval", "0", "--max-new-tokens", "192", "--budget", "32",
         "--block-size", "16", "--min-chars", "200", "--max-chars", "600",
         "--policies", "caote+h2o,caote+tova,fastcaote+snapkv"]
 OUTAGE_LOAD = ["--requests", "1", "--interval", "0", "--max-new-tokens", "24", "--budget", "32", "--block-size", "16",
