@@ -218,16 +218,7 @@ def _decide_batched(state: SessionState, report: ValidatedReport,
     evicted = sum((lengths[layer] - budgets[layer]) * heads for layer in evicting_layers)
     response.evicted_tokens = evicted
 
-    next_state = state.evolve(
-        layer_budgets=tuple(budgets),
-        positions=kept_positions,
-        accumulators=kept_accumulators,
-        last_sequence=sequence,
-        last_position=int(report.positions[-1]),
-        last_response=response.SerializeToString(),
-        reports=state.reports + 1,
-        evicted_tokens=state.evicted_tokens + evicted,
-    )
+    next_state = _next_state(state, report, sequence, response, budgets, kept_positions, kept_accumulators, evicted)
     errors = None
     if isinstance(policy, CAOTE):
         def errors() -> tuple[np.ndarray, ...]:
@@ -322,19 +313,25 @@ def _decide_layers(state: SessionState, report: ValidatedReport,
             kept_accumulators.append(accumulator)
     response.evicted_tokens = evicted
 
-    next_state = state.evolve(
+    next_state = _next_state(state, report, sequence, response, budgets, kept_positions, kept_accumulators, evicted)
+    stats = DecisionStats(num_kv_heads=heads, cache_lengths=tuple(lengths), layer_budgets=tuple(budgets),
+                          evicted_errors=lambda: tuple(evicted_errors))
+    return response, next_state, stats
+
+
+def _next_state(state: SessionState, report: ValidatedReport, sequence: int, response: pb.ReportBlockResponse,
+                budgets, positions, accumulators, evicted: int) -> SessionState:
+    """The state after a decision (either path): what is kept, and the answer to replay."""
+    return state.evolve(
         layer_budgets=tuple(budgets),
-        positions=kept_positions,
-        accumulators=kept_accumulators,
+        positions=positions,
+        accumulators=accumulators,
         last_sequence=sequence,
         last_position=int(report.positions[-1]),
         last_response=response.SerializeToString(),
         reports=state.reports + 1,
         evicted_tokens=state.evicted_tokens + evicted,
     )
-    stats = DecisionStats(num_kv_heads=heads, cache_lengths=tuple(lengths), layer_budgets=tuple(budgets),
-                          evicted_errors=lambda: tuple(evicted_errors))
-    return response, next_state, stats
 
 
 def _scored_unseen(score: np.ndarray, unseen: np.ndarray | None, value: float) -> np.ndarray:

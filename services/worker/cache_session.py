@@ -279,8 +279,7 @@ class CacheSession:
         `count` pseudo tokens decoded greedily after what the cache holds; the cache is left as
         it was (its tensors are only ever replaced)."""
         cache = self.cache
-        saved = [(entry.keys, entry.values) for entry in cache.hf_cache.layers]
-        saved_positions, saved_seen = list(cache._positions), cache.tokens_seen
+        saved = cache.checkpoint()
         tokens, first = question if question is not None else ([int(torch.argmax(self._last_logits))],
                                                                 self._next_position)
         steps = 1 if question is not None else count
@@ -295,9 +294,7 @@ class CacheSession:
                                     **{CAPTURE_KWARG: capture})
                 tokens = [int(torch.argmax(output.logits[0, -1]))]
         finally:
-            for entry, (keys, values) in zip(cache.hf_cache.layers, saved):
-                entry.keys, entry.values = keys, values
-            cache._positions, cache.tokens_seen = saved_positions, saved_seen
+            cache.restore(saved)
         return ObserverQueries(capture)
 
     def stop_evicting(self) -> None:

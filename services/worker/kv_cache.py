@@ -66,6 +66,19 @@ class PrunableCache(PositionSource):
         """Tokens per KV head eviction removed from `layer` (not those that left its window)."""
         return self.tokens_seen - self._dropped[layer] - self.length(layer)
 
+    def checkpoint(self) -> tuple:
+        """What `restore` needs to undo later appends (tensors are only ever replaced, never
+        written in place, so references suffice): speculative forwards such as lookahead."""
+        return ([(entry.keys, entry.values) for entry in self.hf_cache.layers], list(self._positions),
+                self.tokens_seen)
+
+    def restore(self, checkpoint: tuple) -> None:
+        """Back to the cache as `checkpoint` saw it."""
+        tensors, positions, tokens_seen = checkpoint
+        for entry, (keys, values) in zip(self.hf_cache.layers, tensors):
+            entry.keys, entry.values = keys, values
+        self._positions, self.tokens_seen = positions, tokens_seen
+
     def keys_values(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         entry = self.hf_cache.layers[layer]
         return entry.keys, entry.values
