@@ -79,17 +79,7 @@ def caote_totals(attention: np.ndarray, excluded_deviation: np.ndarray, columns:
 
 def fast_caote_scores(attention: np.ndarray, mean_deviation: np.ndarray) -> np.ndarray:
     """FastCAOTE score per token, float64: a_j / (1 - a_j) * ||v_j - mean v||; +inf where a_j = 1."""
-    a = normalised_attention(attention)
-    rest = 1.0 - a
-    full = rest <= 0
-    any_full = bool(full.any())
-    if any_full:
-        rest[full] = 1.0
-    a /= rest
-    a *= mean_deviation
-    if any_full:
-        a[full] = np.inf  # also where the deviation is 0, not NaN
-    return a
+    return _fast_caote_of(normalised_attention(attention), mean_deviation)
 
 
 def normalised_attention_flat(attention: np.ndarray, layout: Layout) -> np.ndarray:
@@ -119,7 +109,12 @@ def caote_scores_flat(attention: np.ndarray, excluded_deviation: np.ndarray, lay
 
 def fast_caote_scores_flat(attention: np.ndarray, mean_deviation: np.ndarray, layout: Layout) -> np.ndarray:
     """fast_caote_scores of every layer at once (flat in `layout`), equal to it element for element."""
-    a = normalised_attention_flat(attention, layout)
+    return _fast_caote_of(normalised_attention_flat(attention, layout), mean_deviation)
+
+
+def _fast_caote_of(a: np.ndarray, mean_deviation: np.ndarray) -> np.ndarray:
+    """a / (1 - a) * deviation in place over normalised attention `a`; +inf where a = 1 (also
+    where the deviation is 0, not NaN)."""
     rest = 1.0 - a
     full = rest <= 0
     any_full = bool(full.any())
