@@ -186,7 +186,11 @@ def traffic(system: System) -> Traffic:
                                           timeout=TIMEOUT)) == grpc.StatusCode.NOT_FOUND
     assert _code(lambda: stub.OpenSession(open_request("nope"), timeout=TIMEOUT)) == grpc.StatusCode.INVALID_ARGUMENT
     assert first.evicted_tokens > 0 and second.evicted_tokens > 0
-    return Traffic(before, system.pages(), summaries, direct_evicted=first.evicted_tokens + second.evicted_tokens,
+    # The server counts an RPC once its status is sent: the client may read the page first.
+    after = wait_until(lambda: (pages := system.pages())[0].value(
+        "kvevict_manager_rpcs_total", method="OpenSession", code="INVALID_ARGUMENT") and pages,
+        timeout_s=10, what="the last bad call to be counted")
+    return Traffic(before, after, summaries, direct_evicted=first.evicted_tokens + second.evicted_tokens,
                    direct_reports=3, direct_decided=2)
 
 
