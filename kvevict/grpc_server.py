@@ -1,5 +1,5 @@
-"""What both services' gRPC servers share: health checking, reflection, binding a port, and the
-interceptor that counts and times every call for the metrics."""
+"""What both services' gRPC servers share: health checking, reflection, binding a port (plaintext
+or TLS), and the interceptor that counts and times every call for the metrics."""
 
 from __future__ import annotations
 
@@ -77,11 +77,13 @@ def reflection_v1_file() -> FileDescriptor:
     return pool.AddSerializedFile(proto.SerializeToString())
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Listens on host:port (0 = a free port); returns the port or raises OSError."""
+def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Listens on host:port (0 = a free port), over TLS with `credentials`; returns the port or
+    raises OSError."""
     address = f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = (server.add_insecure_port(address) if credentials is None
+                 else server.add_secure_port(address, credentials))
     except RuntimeError as error:
         raise OSError(f"cannot listen on {address}: {error}") from error
     if not bound:

@@ -146,13 +146,17 @@ def test_a_retried_report_returns_the_same_bytes_on_any_replica_and_changes_noth
     answer = a.ReportBlock(report, timeout=TIMEOUT)
     assert answer.keeps  # the retried decision evicts, so a recomputation would show
     before = info(a, session.id)
-    key = f"kvevict:session:{session.id}"
     with replicas.redis.client() as redis:
+        [key] = [k for k in redis.scan_iter(match="kvevict:*") if session.id.encode() in k]
         stored = redis.get(key)
         assert b.ReportBlock(report, timeout=TIMEOUT).SerializeToString() == answer.SerializeToString()
-        # Even different content under the same number gets the stored answer: decided once.
+        # Different content under a decided number is refused, not answered: decided once, and
+        # a forged report cannot hand its decision to the real one.
         other, _ = session.build(8)
-        assert a.ReportBlock(other, timeout=TIMEOUT).SerializeToString() == answer.SerializeToString()
+        assert other.SerializeToString() != report.SerializeToString()
+        error = rpc_error(a.ReportBlock, other)
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error.details().startswith("sequence: ")
         assert redis.get(key) == stored  # not even rewritten
     assert info(b, session.id).SerializeToString() == before.SerializeToString()
     session.apply(report, answer)
@@ -162,7 +166,8 @@ def test_a_retried_report_returns_the_same_bytes_on_any_replica_and_changes_noth
         skipped.sequence = sequence
         error = rpc_error(b.ReportBlock, skipped)
         assert error.code() == grpc.StatusCode.ABORTED
-        assert f"expected {report.sequence + 1}" in error.details()
+        # The session's position in its sequence stays out of the answer.
+        assert error.details().startswith("sequence: ") and not any(c.isdigit() for c in error.details())
     assert info(a, session.id).SerializeToString() == before.SerializeToString()
     assert session.report(4).sequence == 3
 
@@ -249,8 +254,9 @@ def test_bad_reports_are_invalid_argument_naming_the_field_and_change_nothing(re
 def test_racing_one_sequence_number_on_two_replicas_stores_exactly_one_decision(replicas: Replicas) -> None:
     """Two clients send the same sequence number with different statistics to different replicas
     at the same moment. Without an atomic read-modify-write both would decide and store, and the
-    first answer would be overwritten; here both get the stored decision, which is one of the two
-    an in-process core makes from the previous state."""
+    first answer would be overwritten; here exactly one is decided and stored (one of the two
+    decisions an in-process core makes from the previous state), and the other request, no
+    retry of the decided one, is refused FAILED_PRECONDITION, there and on a later try."""
     a, b = replicas.stubs
     request = open_request("h2o", "caote", budget=96, sink=1, num_layers=8, num_kv_heads=4, num_query_heads=8)
     session = remote_session([a], request, seed=11)
@@ -264,21 +270,29 @@ def test_racing_one_sequence_number_on_two_replicas_stores_exactly_one_decision(
 
         def send(stub, report):
             barrier.wait()
-            return stub.ReportBlock(report, timeout=TIMEOUT)
+            try:
+                return stub.ReportBlock(report, timeout=TIMEOUT)
+            except grpc.RpcError as error:
+                return error.code()
 
         with ThreadPoolExecutor(2) as pool:
-            answers = [f.result() for f in [pool.submit(send, a, first), pool.submit(send, b, second)]]
-        assert answers[0].SerializeToString() == answers[1].SerializeToString()
+            outcomes = [f.result() for f in [pool.submit(send, a, first), pool.submit(send, b, second)]]
+        answered = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, pb.ReportBlockResponse)]
+        assert len(answered) == 1, outcomes
+        assert outcomes[1 - answered[0]] == grpc.StatusCode.FAILED_PRECONDITION
+        answer = outcomes[answered[0]]
         candidates = [fork(reference, ref_id).report_block(renamed(r, ref_id)).SerializeToString() for r in (first, second)]
         assert candidates[0] != candidates[1]  # the two contents decide differently
-        winner = (first, second)[candidates.index(answers[0].SerializeToString())]
+        winner, loser = (first, second) if answered == [0] else (second, first)
+        assert answer.SerializeToString() == candidates[answered[0]]
         reference.report_block(renamed(winner, ref_id))
         state = info(b, session.id)
         assert (state.reports, state.last_sequence) == (round_ + 1, first.sequence)
-        assert a.ReportBlock(second, timeout=TIMEOUT).SerializeToString() == answers[0].SerializeToString()
-        session.apply(winner, answers[0])
+        assert a.ReportBlock(winner, timeout=TIMEOUT).SerializeToString() == answer.SerializeToString()
+        assert rpc_error(b.ReportBlock, loser).code() == grpc.StatusCode.FAILED_PRECONDITION
+        session.apply(winner, answer)
     conflicts = sum(len(m.lines("event=store.conflict")) for m in replicas.processes) - conflicts_before
-    print(f"write conflicts resolved by WATCH/EXEC retries: {conflicts} in 6 rounds")
+    print(f"write conflicts resolved by optimistic retries: {conflicts} in 6 rounds")
 
 
 def fork(core: ManagerCore, session_id: str) -> ManagerCore:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kvevict.cache_manager import (
-    Aborted, InMemoryStateStore, ManagerCore, NotFound, SessionState, describe_policies,
+    Aborted, FailedPrecondition, InMemoryStateStore, ManagerCore, NotFound, SessionState, describe_policies,
 )
 from kvevict.cache_manager.policies import BASE_POLICIES
 from kvevict.v1 import cache_manager_pb2 as pb
@@ -66,10 +66,12 @@ def test_a_retried_sequence_returns_the_stored_answer_and_changes_nothing() -> N
     before = session.state_bytes()
     again = session.core.report_block(request)
     assert again.SerializeToString() == answer.SerializeToString()
-    # Even a retry with different content gets the stored answer: the decision is made once.
+    # A "retry" with different content is refused: the decision is made once, and a forged
+    # report cannot make the real one receive its decision.
     changed, _ = session.build(8)
     changed.sequence = request.sequence
-    assert session.core.report_block(changed).SerializeToString() == answer.SerializeToString()
+    with pytest.raises(FailedPrecondition, match="^sequence: "):
+        session.core.report_block(changed)
     assert session.state_bytes() == before
     assert session.report(4).sequence == 3
 
@@ -82,7 +84,7 @@ def test_out_of_order_sequences_are_aborted_without_changing_state() -> None:
     for sequence in (4, 1, 100):
         request, _ = session.build(4)
         request.sequence = sequence
-        with pytest.raises(Aborted, match="expected 3"):
+        with pytest.raises(Aborted, match="^sequence: out of order"):
             session.core.report_block(request)
     assert session.state_bytes() == before
     assert session.report(4).sequence == 3

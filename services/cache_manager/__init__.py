@@ -6,7 +6,7 @@ neither grpc.aio nor redis.
 """
 
 from kvevict.cache_manager.errors import (
-    Aborted, InvalidArgument, ManagerError, NotFound, ResourceExhausted, StoreUnavailable,
+    Aborted, FailedPrecondition, InvalidArgument, ManagerError, NotFound, ResourceExhausted, StoreUnavailable,
 )
 from kvevict.cache_manager.registry import describe_policies, format_policies
 from kvevict.cache_manager.service import AsyncManagerCore, ManagerCore
@@ -16,7 +16,7 @@ from kvevict.cache_manager.state import (
 from kvevict.cache_manager.wrappers import caote_scores
 
 __all__ = [
-    "Aborted", "AsyncInMemoryStateStore", "AsyncManagerCore", "AsyncStateStore", "InMemoryStateStore",
+    "Aborted", "AsyncInMemoryStateStore", "FailedPrecondition", "AsyncManagerCore", "AsyncStateStore", "InMemoryStateStore",
     "InvalidArgument", "ManagerCore", "ManagerError", "NotFound", "ResourceExhausted", "SessionState",
     "StateStore", "StoreUnavailable", "Transition", "caote_scores", "describe_policies", "format_policies",
 ]

@@ -24,6 +24,11 @@ class Aborted(ManagerError):
     """Out-of-order report (ABORTED): the client must resynchronise, retrying cannot help."""
 
 
+class FailedPrecondition(ManagerError):
+    """A request that contradicts the session's history, e.g. a retried sequence number carrying
+    another request than the one decided (FAILED_PRECONDITION): retrying it cannot help."""
+
+
 class ResourceExhausted(ManagerError):
     """A limit is reached, e.g. too many open sessions (RESOURCE_EXHAUSTED); retry later."""
 

@@ -2,10 +2,16 @@
 follows the state store, reflection, and a graceful stop on SIGTERM / SIGINT.
 
 Status codes (the servicer's only logic): InvalidArgument -> INVALID_ARGUMENT (details start
-with the field, `layers[3].values[1].dtype: ...`), NotFound -> NOT_FOUND, Aborted -> ABORTED,
-ResourceExhausted (too many sessions) -> RESOURCE_EXHAUSTED, StoreUnavailable (Redis down) ->
-UNAVAILABLE. gRPC itself answers RESOURCE_EXHAUSTED to a message over `max_message_bytes` and
-to calls beyond `max_concurrent_rpcs`.
+with the field, `layers[3].values[1].dtype: ...`), NotFound -> NOT_FOUND (also another client's
+session), Aborted -> ABORTED, FailedPrecondition (a retried sequence number with another
+request) -> FAILED_PRECONDITION, ResourceExhausted (a session limit or the state cap, named) ->
+RESOURCE_EXHAUSTED, StoreUnavailable (Redis down) -> UNAVAILABLE. gRPC itself answers
+RESOURCE_EXHAUSTED to a message over `max_message_bytes` and to calls beyond
+`max_concurrent_rpcs`. Before any handler: UNAUTHENTICATED / PERMISSION_DENIED (kvevict.auth),
+and INVALID_ARGUMENT for bytes that are not a request message (kvevict.request_decoding).
+
+Logs never hold a session id at info level (an id is the key to its session when nobody is
+authenticated): they name sessions by `session_ref`, a digest that cannot be used as one.
 
 Health (grpc.health.v1) reports SERVING for "" and "kvevict.v1.CacheManagerService" only while
 the store answers a ping; a probe checks every `probe_interval_s` (and refreshes the open-session
@@ -26,15 +32,18 @@ import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
+from kvevict.auth import PermissionDenied, Unauthenticated
 from kvevict.cache_manager.errors import (
-    Aborted, InvalidArgument, ManagerError, NotFound, ResourceExhausted, StoreUnavailable,
+    Aborted, FailedPrecondition, InvalidArgument, ManagerError, NotFound, ResourceExhausted, StoreUnavailable,
 )
-from kvevict.logs import log_event
+from kvevict.logs import RateLimitedLog, log_event, session_ref
 from kvevict.cache_manager.metrics import ManagerMetrics
 from kvevict.cache_manager.service import AsyncManagerCore
 from kvevict.cache_manager.state import AsyncInMemoryStateStore, AsyncStateStore, InMemoryStateStore
 from kvevict.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, server_options
 from kvevict.grpc_server import ServiceHealth, bind
+from kvevict.request_decoding import RequestDecodingInterceptor
+from kvevict.security_options import ServerSecurity
 from kvevict.metrics import DISABLED_PORT, MetricsServer, check_metrics_port
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import cache_manager_pb2_grpc as pb_grpc
@@ -46,6 +55,7 @@ STATUS_CODES: tuple[tuple[type[ManagerError], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Aborted, grpc.StatusCode.ABORTED),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
 )
@@ -54,6 +64,9 @@ STATUS_CODES: tuple[tuple[type[ManagerError], grpc.StatusCode], ...] = (
 def status_code(error: ManagerError) -> grpc.StatusCode:
     """The gRPC status of a domain error (UNKNOWN for a ManagerError of no listed class)."""
     return next((code for cls, code in STATUS_CODES if isinstance(error, cls)), grpc.StatusCode.UNKNOWN)
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis-cluster://", "rediss-cluster://")
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,8 @@ class ServerConfig:
     redis_url: str = "memory://"  # memory:// = in-process state (one replica only)
     session_ttl_s: int = 3600
     max_sessions: int = 10_000  # across replicas with Redis; 0 = no limit
+    max_sessions_per_client: int = 0  # open sessions of one identity (kvevict.auth); 0 = no limit
+    max_session_bytes: int = 256 * 2**20  # tracked state of one session; 0 = no cap
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_concurrent_rpcs: int = 256  # beyond: RESOURCE_EXHAUSTED; 0 = no limit
     redis_timeout_s: float = 2.0
@@ -72,17 +87,23 @@ class ServerConfig:
     probe_interval_s: float = 1.0
     grace_s: float = 10.0
     metrics_port: int = 9464  # Prometheus /metrics; 0 = any free port, -1 = none
+    redis_wait_replicas: int = 0  # replicas that must acknowledge every state write (WAIT)
+    security: ServerSecurity = ServerSecurity()
 
     def __post_init__(self) -> None:
         check_metrics_port(self.metrics_port)
         for name in ("session_ttl_s", "max_message_bytes", "redis_timeout_s", "probe_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("port", "max_sessions", "max_concurrent_rpcs", "grace_s", "state_cache_bytes"):
+        for name in ("port", "max_sessions", "max_concurrent_rpcs", "grace_s", "state_cache_bytes",
+                     "max_sessions_per_client", "max_session_bytes", "redis_wait_replicas"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not (self.redis_url == "memory://" or self.redis_url.startswith(("redis://", "rediss://", "unix://"))):
-            raise ValueError(f"redis URL must be memory://, redis://, rediss:// or unix://, got {self.redis_url!r}")
+        if not (self.redis_url == "memory://" or self.redis_url.startswith(REDIS_SCHEMES)):
+            raise ValueError(f"redis URL must be memory:// or start with one of {', '.join(REDIS_SCHEMES)}, "
+                             f"got {self.redis_url!r}")
+        if self.redis_wait_replicas and self.in_memory:
+            raise ValueError("redis_wait_replicas needs a Redis store (--redis-url)")
 
     @property
     def in_memory(self) -> bool:
@@ -91,24 +112,34 @@ class ServerConfig:
 
 def make_store(config: ServerConfig) -> AsyncStateStore:
     if config.in_memory:
-        return AsyncInMemoryStateStore(InMemoryStateStore(ttl_s=config.session_ttl_s, max_sessions=config.max_sessions or None))
+        return AsyncInMemoryStateStore(InMemoryStateStore(ttl_s=config.session_ttl_s, max_sessions=config.max_sessions or None,
+                                                          max_sessions_per_owner=config.max_sessions_per_client))
     from kvevict.cache_manager.redis_store import RedisStateStore
 
+    options = {}  # passed only when set: the defaults are the store's
+    if config.max_sessions_per_client:
+        options["max_sessions_per_owner"] = config.max_sessions_per_client
+    if config.redis_wait_replicas:
+        options["wait_replicas"] = config.redis_wait_replicas
     return RedisStateStore.from_url(config.redis_url, timeout_s=config.redis_timeout_s,
                                     ttl_s=config.session_ttl_s, max_sessions=config.max_sessions,
-                                    cache_bytes=config.state_cache_bytes)
+                                    cache_bytes=config.state_cache_bytes, **options)
 
 
 class CacheManagerServicer(pb_grpc.CacheManagerServiceServicer):
-    """Decode (grpc did), call the domain, encode; domain errors become status codes."""
+    """Decode (grpc did), establish the caller's identity, call the domain, encode; domain
+    errors become status codes."""
 
-    def __init__(self, core: AsyncManagerCore) -> None:
+    def __init__(self, core: AsyncManagerCore, security: ServerSecurity | None = None) -> None:
         self.core = core
+        self.authenticator = (security or ServerSecurity()).authenticator
+        # A client can make every call fail: its refusals must not flood the log.
+        self._refusals = RateLimitedLog(log)
 
     async def OpenSession(self, request: pb.OpenSessionRequest, context) -> pb.OpenSessionResponse:
         response = await self._call("OpenSession", self.core.open_session, request, context)
-        log_event(log, logging.INFO, "session.open", session=response.session_id, base=request.policy.base,
-                  wrapper=request.policy.wrapper or "none", budget=request.budget.tokens)
+        log_event(log, logging.INFO, "session.open", session_ref=session_ref(response.session_id),
+                  base=request.policy.base, wrapper=request.policy.wrapper or "none", budget=request.budget.tokens)
         return response
 
     async def ReportBlock(self, request: pb.ReportBlockRequest, context) -> pb.ReportBlockResponse:
@@ -116,8 +147,8 @@ class CacheManagerServicer(pb_grpc.CacheManagerServiceServicer):
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.CloseSessionResponse:
         response = await self._call("CloseSession", self.core.close_session, request, context)
-        log_event(log, logging.INFO, "session.close", session=request.session_id, reports=response.reports,
-                  evicted_tokens=response.evicted_tokens)
+        log_event(log, logging.INFO, "session.close", session_ref=session_ref(request.session_id),
+                  reports=response.reports, evicted_tokens=response.evicted_tokens)
         return response
 
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.GetSessionResponse:
@@ -126,20 +157,26 @@ class CacheManagerServicer(pb_grpc.CacheManagerServiceServicer):
     async def ListPolicies(self, request: pb.ListPoliciesRequest, context) -> pb.ListPoliciesResponse:
         return await self._call("ListPolicies", self.core.list_policies, request, context)
 
-    async def _call(self, method: str, handler: Callable[[Message], Awaitable[Message]], request: Message, context):
+    async def _call(self, method: str, handler: Callable[..., Awaitable[Message]], request: Message, context):
         started = time.perf_counter()
         try:
-            response = await handler(request)
+            owner = self.authenticator.identity(context)
+        except (Unauthenticated, PermissionDenied) as error:  # the interceptor refuses these first
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED if isinstance(error, Unauthenticated)
+                                else grpc.StatusCode.PERMISSION_DENIED, str(error))
+        ref = session_ref(getattr(request, "session_id", ""))
+        try:
+            response = await handler(request, owner)
         except ManagerError as error:
             code = status_code(error)
-            log_event(log, logging.WARNING if code == grpc.StatusCode.UNAVAILABLE else logging.INFO, "rpc.error",
-                      method=method, code=code.name, session=getattr(request, "session_id", None), error=str(error))
+            self._refusals.event(logging.WARNING if code == grpc.StatusCode.UNAVAILABLE else logging.INFO,
+                                 "rpc.error", method=method, code=code.name, session_ref=ref, error=str(error))
             await context.abort(code, str(error))
         except Exception:
             log.exception("%s", f"event=rpc.internal method={method}")
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
         if log.isEnabledFor(logging.DEBUG):
-            log_event(log, logging.DEBUG, "rpc.ok", method=method, session=getattr(request, "session_id", None),
+            log_event(log, logging.DEBUG, "rpc.ok", method=method, session_ref=ref,
                       ms=f"{(time.perf_counter() - started) * 1e3:.2f}", request_bytes=request.ByteSize())
         return response
 
@@ -189,13 +226,15 @@ class ManagerServer:
         self.config = config
         self.store = store or make_store(config)
         self.metrics = None if config.metrics_port == DISABLED_PORT else ManagerMetrics()
-        self.core = AsyncManagerCore(self.store, metrics=self.metrics)
+        self.core = AsyncManagerCore(self.store, metrics=self.metrics, max_state_bytes=config.max_session_bytes)
+        # Counted first (every outcome), then refused without credentials, then decoded.
         interceptors = [] if self.metrics is None else [self.metrics.rpcs.interceptor()]
+        interceptors += [*config.security.interceptors(), RequestDecodingInterceptor()]
         # No SO_REUSEPORT: a port already taken is an error, not a second, silent listener.
         self.server = grpc.aio.server(options=[*server_options(config.max_message_bytes), ("grpc.so_reuseport", 0)],
                                       maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
                                       interceptors=interceptors)
-        pb_grpc.add_CacheManagerServiceServicer_to_server(CacheManagerServicer(self.core), self.server)
+        pb_grpc.add_CacheManagerServiceServicer_to_server(CacheManagerServicer(self.core, config.security), self.server)
         self.health = ServiceHealth(self.server, SERVICE_NAME)
         self.probe = ReadinessProbe(self.store, self.health, config.probe_interval_s,
                                     timeout_s=min(config.probe_interval_s, config.redis_timeout_s), metrics=self.metrics)
@@ -209,7 +248,7 @@ class ManagerServer:
 
     async def start(self) -> int:
         """Binds gRPC, then the metrics port (OSError if either is taken), and starts serving."""
-        self.port = bind(self.server, self.config.host, self.config.port)
+        self.port = bind(self.server, self.config.host, self.config.port, self.config.security.credentials())
         if self.metrics_server is not None:
             self.metrics_port = self.metrics_server.start(self.config.host, self.config.metrics_port)
         await self.health.set(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -243,7 +282,8 @@ async def serve(config: ServerConfig) -> None:
     log_event(log, logging.INFO, "manager.ready", host=config.host, port=port,
               metrics_port=None if server.metrics_server is None else server.metrics_port,
               store="memory" if config.in_memory else redact(config.redis_url), session_ttl_s=config.session_ttl_s,
-              max_sessions=config.max_sessions, max_message_bytes=config.max_message_bytes,
+              max_sessions=config.max_sessions, max_sessions_per_client=config.max_sessions_per_client,
+              max_message_bytes=config.max_message_bytes, security=config.security.describe(),
               serving=server.probe.serving)
     await stop.wait()
     log_event(log, logging.INFO, "manager.stopping", grace_s=config.grace_s)

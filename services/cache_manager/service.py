@@ -5,6 +5,11 @@ with an InMemoryStateStore); `AsyncManagerCore` is the same over an AsyncStateSt
 server, with Redis). Both only move states in and out of their store: validation and decisions
 are the pure functions of `transitions`, so the two cannot drift apart. The gRPC servicer maps
 the errors of kvevict.cache_manager.errors to status codes.
+
+Every session call takes the caller's identity, `owner` (kvevict.auth; "" when the server
+authenticates nobody): a session belongs to the identity that opened it, and any other is told
+NOT_FOUND, as for an id that never existed. `max_state_bytes` (0 = none) caps one session's
+tracked state (RESOURCE_EXHAUSTED naming the cap).
 """
 
 from __future__ import annotations
@@ -32,12 +37,14 @@ class ManagerCore:
     """Sessions, reports and decisions over a StateStore; stateless itself, so any replica
     sharing the store can serve any call."""
 
-    def __init__(self, store: StateStore, new_session_id: Callable[[], str] = new_session_id) -> None:
+    def __init__(self, store: StateStore, new_session_id: Callable[[], str] = new_session_id,
+                 max_state_bytes: int = 0) -> None:
         self.store = store
         self._new_session_id = new_session_id
+        self.max_state_bytes = max_state_bytes
 
-    def open_session(self, request: pb.OpenSessionRequest) -> pb.OpenSessionResponse:
-        response, state = transitions.open_session(request, self._new_session_id())
+    def open_session(self, request: pb.OpenSessionRequest, owner: str = "") -> pb.OpenSessionResponse:
+        response, state = transitions.open_session(request, self._new_session_id(), owner, self.max_state_bytes)
         self.store.create(state)
         return response
 
@@ -53,19 +60,22 @@ class ManagerCore:
         self.store.create(state)
         return response
 
-    def report_block(self, request: pb.ReportBlockRequest) -> pb.ReportBlockResponse:
-        return self.store.update(request.session_id, transitions.report_step(request))
+    def report_block(self, request: pb.ReportBlockRequest, owner: str = "") -> pb.ReportBlockResponse:
+        step = transitions.report_step(request, owner=owner, max_state_bytes=self.max_state_bytes)
+        return self.store.update(request.session_id, step)
 
-    def close_session(self, request: pb.CloseSessionRequest) -> pb.CloseSessionResponse:
+    def close_session(self, request: pb.CloseSessionRequest, owner: str = "") -> pb.CloseSessionResponse:
         session_id = transitions.check_session_id(request.session_id)
-        return transitions.close_response(transitions.require(self.store.delete(session_id), session_id))
+        # Checked before deleting: another identity's close must leave the session as it is.
+        transitions.require(self.store.get(session_id), session_id, owner)
+        return transitions.close_response(transitions.require(self.store.delete(session_id), session_id, owner))
 
-    def get_session(self, request: pb.GetSessionRequest) -> pb.GetSessionResponse:
+    def get_session(self, request: pb.GetSessionRequest, owner: str = "") -> pb.GetSessionResponse:
         session_id = transitions.check_session_id(request.session_id)
-        return transitions.session_response(transitions.require(self.store.get(session_id), session_id))
+        return transitions.session_response(transitions.require(self.store.get(session_id), session_id, owner))
 
     @staticmethod
-    def list_policies(request: pb.ListPoliciesRequest | None = None) -> pb.ListPoliciesResponse:
+    def list_policies(request: pb.ListPoliciesRequest | None = None, owner: str = "") -> pb.ListPoliciesResponse:
         return transitions.policies_response()
 
     @staticmethod
@@ -79,23 +89,26 @@ class AsyncManagerCore:
     records sessions opened and closed and every report's outcome and decision."""
 
     def __init__(self, store: AsyncStateStore, new_session_id: Callable[[], str] = new_session_id,
-                 metrics: ManagerMetrics | None = None) -> None:
+                 metrics: ManagerMetrics | None = None, max_state_bytes: int = 0) -> None:
         self.store = store
         self._new_session_id = new_session_id
         self.metrics = metrics
+        self.max_state_bytes = max_state_bytes
 
-    async def open_session(self, request: pb.OpenSessionRequest) -> pb.OpenSessionResponse:
-        response, state = transitions.open_session(request, self._new_session_id())
+    async def open_session(self, request: pb.OpenSessionRequest, owner: str = "") -> pb.OpenSessionResponse:
+        response, state = transitions.open_session(request, self._new_session_id(), owner, self.max_state_bytes)
         await self.store.create(state)
         if self.metrics is not None:
             self.metrics.sessions_opened.inc()
         return response
 
-    async def report_block(self, request: pb.ReportBlockRequest) -> pb.ReportBlockResponse:
+    async def report_block(self, request: pb.ReportBlockRequest, owner: str = "") -> pb.ReportBlockResponse:
         if self.metrics is None:
-            return await self.store.update(request.session_id, transitions.report_step(request))
+            step = transitions.report_step(request, owner=owner, max_state_bytes=self.max_state_bytes)
+            return await self.store.update(request.session_id, step)
         try:
-            step = transitions.report_step(request, digest=self.metrics.digest)
+            step = transitions.report_step(request, digest=self.metrics.digest, owner=owner,
+                                           max_state_bytes=self.max_state_bytes)
             response = await self.store.update(request.session_id, step)
         except Exception as error:
             self.metrics.report_failed(request, error)
@@ -103,18 +116,20 @@ class AsyncManagerCore:
         self.metrics.report_answered(request, step.decision, step.digested)
         return response
 
-    async def close_session(self, request: pb.CloseSessionRequest) -> pb.CloseSessionResponse:
+    async def close_session(self, request: pb.CloseSessionRequest, owner: str = "") -> pb.CloseSessionResponse:
         session_id = transitions.check_session_id(request.session_id)
-        response = transitions.close_response(transitions.require(await self.store.delete(session_id), session_id))
+        transitions.require(await self.store.get(session_id), session_id, owner)
+        response = transitions.close_response(
+            transitions.require(await self.store.delete(session_id), session_id, owner))
         if self.metrics is not None:
             self.metrics.sessions_closed.inc()
         return response
 
-    async def get_session(self, request: pb.GetSessionRequest) -> pb.GetSessionResponse:
+    async def get_session(self, request: pb.GetSessionRequest, owner: str = "") -> pb.GetSessionResponse:
         session_id = transitions.check_session_id(request.session_id)
-        return transitions.session_response(transitions.require(await self.store.get(session_id), session_id))
+        return transitions.session_response(transitions.require(await self.store.get(session_id), session_id, owner))
 
     @staticmethod
-    async def list_policies(request: pb.ListPoliciesRequest | None = None) -> pb.ListPoliciesResponse:
+    async def list_policies(request: pb.ListPoliciesRequest | None = None, owner: str = "") -> pb.ListPoliciesResponse:
         return transitions.policies_response()
 

@@ -32,7 +32,8 @@ R = TypeVar("R")
 _MAGIC = b"KVST1"
 _HEADER = struct.Struct("<I")
 # Scalar fields stored in the JSON header.
-_META = ("session_id", "layer_budgets", "last_sequence", "last_position", "reports", "evicted_tokens")
+_META = ("session_id", "layer_budgets", "last_sequence", "last_position", "reports", "evicted_tokens", "owner",
+         "last_request_digest")
 
 
 def _frozen(array: np.ndarray) -> np.ndarray:
@@ -64,9 +65,15 @@ class SessionState:
     last_response: bytes = b""  # serialized ReportBlockResponse of last_sequence
     reports: int = 0
     evicted_tokens: int = 0  # summed over layers and KV heads
+    # The identity that opened the session (kvevict.identity); every other identity is told
+    # NOT_FOUND. "" when the server authenticates nobody (every caller is the same identity).
+    owner: str = ""
+    # Hex SHA-256 of last_sequence's request: a retry must repeat that request exactly.
+    last_request_digest: str = ""
 
     @classmethod
-    def new(cls, session_id: str, settings: SessionSettings, layer_budgets: list[int], accumulates: bool) -> SessionState:
+    def new(cls, session_id: str, settings: SessionSettings, layer_budgets: list[int], accumulates: bool,
+            owner: str = "") -> SessionState:
         heads = settings.geometry.num_kv_heads
         layers = settings.geometry.num_layers
 
@@ -79,11 +86,17 @@ class SessionState:
             layer_budgets=tuple(layer_budgets),
             positions=empty(np.int32),
             accumulators=empty(np.float32) if accumulates else (),
+            owner=owner,
         )
 
     @property
     def cache_lengths(self) -> list[int]:
         return [p.shape[1] for p in self.positions]
+
+    @property
+    def array_bytes(self) -> int:
+        """Bytes of the tracked arrays (positions and accumulators): what grows with the cache."""
+        return sum(a.nbytes for a in self.positions) + sum(a.nbytes for a in self.accumulators)
 
     def evolve(self, **changes: Any) -> SessionState:
         """A copy with `changes`; new arrays are made read-only."""
@@ -216,13 +229,15 @@ class InMemoryStateStore:
     stored only if the session still holds the state the step saw (an identity check under the
     lock), else the step runs again. Decisions of different sessions thus run in parallel and a
     slow decision never blocks other sessions. `ttl_s` (None = forever) expires idle sessions,
-    refreshed on every write; `max_sessions` (None = no limit) bounds the live sessions.
+    refreshed on every write; `max_sessions` (None = no limit) bounds the live sessions and
+    `max_sessions_per_owner` (0 = no limit) those of one owner (SessionState.owner).
     """
 
     def __init__(self, ttl_s: float | None = None, max_sessions: int | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_sessions_per_owner: int = 0) -> None:
         self.ttl_s = ttl_s
         self.max_sessions = max_sessions
+        self.max_sessions_per_owner = max_sessions_per_owner
         self._clock = clock
         self._states: dict[str, tuple[SessionState, float]] = {}  # id -> (state, deadline)
         self._lock = threading.Lock()
@@ -240,10 +255,15 @@ class InMemoryStateStore:
 
     def create(self, state: SessionState) -> None:
         with self._lock:
-            if self.max_sessions is not None and state.session_id not in self._states:
+            if state.session_id not in self._states and (self.max_sessions is not None or self.max_sessions_per_owner):
                 self._expire()
-                if len(self._states) >= self.max_sessions:
-                    raise ResourceExhausted(f"too many sessions: {len(self._states)} open, limit {self.max_sessions}")
+                if self.max_sessions is not None and len(self._states) >= self.max_sessions:
+                    raise ResourceExhausted(f"max_sessions: the manager's limit of {self.max_sessions} open "
+                                            f"sessions is reached")
+                if self.max_sessions_per_owner and self.max_sessions_per_owner <= sum(
+                        1 for held, _ in self._states.values() if held.owner == state.owner):
+                    raise ResourceExhausted(f"max_sessions_per_client: the client's limit of "
+                                            f"{self.max_sessions_per_owner} open sessions is reached")
             self._states[state.session_id] = (state, self._deadline())
 
     def update(self, session_id: str, step: Step[R]) -> R:
@@ -258,7 +278,7 @@ class InMemoryStateStore:
                     self._states[session_id] = (transition.state, self._deadline())
                     return transition.result
                 self.conflicts += 1
-        raise Aborted(f"session_id: session {session_id!r} is being updated concurrently; retry")
+        raise Aborted("session_id: the session is being updated concurrently; retry")
 
     def delete(self, session_id: str) -> SessionState | None:
         with self._lock:

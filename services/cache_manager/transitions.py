@@ -8,6 +8,7 @@ sees the state as stored, and what it returns is written only if nobody wrote in
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -15,7 +16,7 @@ from dataclasses import replace
 import numpy as np
 
 from kvevict.cache_manager.decision import DecisionStats, decide
-from kvevict.cache_manager.errors import Aborted, InvalidArgument, NotFound
+from kvevict.cache_manager.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from kvevict.cache_manager.policies import make_base
 from kvevict.cache_manager.registry import describe_policies
 from kvevict.cache_manager.settings import SessionSettings, settings_from_request
@@ -36,23 +37,48 @@ def check_session_id(session_id: str) -> str:
     return session_id
 
 
-def require(state: SessionState | None, session_id: str) -> SessionState:
-    if state is None:
+def require(state: SessionState | None, session_id: str, owner: str = "") -> SessionState:
+    """The session if it exists and belongs to `owner`. Another identity's session is reported
+    exactly as an unknown one, so ids cannot be probed."""
+    if state is None or state.owner != owner:
         raise NotFound(f"session_id: unknown or expired session {session_id!r}")
     return state
 
 
-def open_session(request: pb.OpenSessionRequest, session_id: str) -> tuple[pb.OpenSessionResponse, SessionState]:
-    """Validates an OpenSessionRequest and builds the new session's state and answer."""
+def request_digest(request: pb.ReportBlockRequest) -> str:
+    """SHA-256 of the report as sent (deterministic serialization): a retried sequence number
+    must repeat its request byte for byte."""
+    return hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+
+
+def open_session(request: pb.OpenSessionRequest, session_id: str, owner: str = "",
+                 max_state_bytes: int = 0) -> tuple[pb.OpenSessionResponse, SessionState]:
+    """Validates an OpenSessionRequest and builds the new session's state and answer, owned by
+    `owner`. With `max_state_bytes` (0 = no cap), a session whose state at its budget would
+    exceed the cap is refused (ResourceExhausted naming the cap)."""
     settings = settings_from_request(request)
     policy = settings.policy()
     budgets = settings.allocator().initial_budgets(settings.geometry)
-    state = SessionState.new(session_id, settings, budgets, policy.accumulates)
+    if max_state_bytes:
+        check_state_bytes(_bytes_at_budget(settings, budgets, policy.accumulates), max_state_bytes, "budget.tokens")
+    state = SessionState.new(session_id, settings, budgets, policy.accumulates, owner=owner)
     return _opened(state, policy.accumulates), state
 
 
+def _bytes_at_budget(settings: SessionSettings, budgets: Sequence[int], accumulates: bool) -> int:
+    """The tracked arrays' bytes of a session holding its budget plus one block per layer."""
+    tokens = (sum(budgets) + settings.block_size * settings.geometry.num_layers) * settings.geometry.num_kv_heads
+    return tokens * (8 if accumulates else 4)  # int32 positions (+ float32 accumulators)
+
+
+def check_state_bytes(size: int, limit: int, field: str) -> None:
+    if size > limit:
+        raise ResourceExhausted(f"{field}: the session's state would take {size} bytes, above this manager's "
+                                f"max_session_bytes of {limit}")
+
+
 def adopt_session(
-    request: pb.OpenSessionRequest, positions: Sequence[np.ndarray], session_id: str
+    request: pb.OpenSessionRequest, positions: Sequence[np.ndarray], session_id: str, owner: str = ""
 ) -> tuple[pb.OpenSessionResponse, SessionState]:
     """A new session that starts from a worker's existing cache instead of an empty one.
 
@@ -62,7 +88,7 @@ def adopt_session(
     start at zero for every cached token: an approximation, since the scores they had
     accumulated at the remote manager are lost. Everything else is as after OpenSession.
     """
-    response, state = open_session(request, session_id)
+    response, state = open_session(request, session_id, owner)
     geometry = state.settings.geometry
     if len(positions) != geometry.num_layers:
         raise InvalidArgument("positions", f"expected {geometry.num_layers} layers, got {len(positions)}")
@@ -98,10 +124,13 @@ def _opened(state: SessionState, accumulates: bool) -> pb.OpenSessionResponse:
     )
 
 
-def report_step(request: pb.ReportBlockRequest, digest: Callable[[DecisionStats], object] | None = None) -> ReportStep:
-    """The read-modify-write of one report. A retried sequence number answers the stored decision
-    and stores nothing; an out-of-order one is Aborted; a malformed report InvalidArgument."""
-    return ReportStep(request, digest)
+def report_step(request: pb.ReportBlockRequest, digest: Callable[[DecisionStats], object] | None = None,
+                owner: str = "", max_state_bytes: int = 0) -> ReportStep:
+    """The read-modify-write of one report by `owner`. A retried sequence number answers the
+    stored decision and stores nothing (FailedPrecondition if the request is not the one that
+    was decided); an out-of-order one is Aborted; a malformed report InvalidArgument; one that
+    would grow the state past `max_state_bytes` (0 = no cap) ResourceExhausted."""
+    return ReportStep(request, digest, owner, max_state_bytes)
 
 
 class ReportStep:
@@ -112,29 +141,39 @@ class ReportStep:
     `digest`, when given, runs on each new decision in the step's own thread (the store runs
     steps off the event loop) and its result is kept as `digested`: the metrics' numpy work."""
 
-    def __init__(self, request: pb.ReportBlockRequest, digest: Callable[[DecisionStats], object] | None = None) -> None:
+    def __init__(self, request: pb.ReportBlockRequest, digest: Callable[[DecisionStats], object] | None = None,
+                 owner: str = "", max_state_bytes: int = 0) -> None:
         self.session_id = check_session_id(request.session_id)
         self.request = request
         self.digest = digest
+        self.owner = owner
+        self.max_state_bytes = max_state_bytes
+        self.request_digest = request_digest(request)  # once: the store may run the step again
         self.decision: DecisionStats | None = None
         self.digested: object = None
 
     def __call__(self, stored: SessionState | None) -> Transition[pb.ReportBlockResponse]:
         # A store may run the step again (a concurrent write): only the last run counts.
         self.decision = self.digested = None
-        state = require(stored, self.session_id)
+        state = require(stored, self.session_id, self.owner)
         request = self.request
         sequence = request.sequence
         if sequence == state.last_sequence and state.last_response:
+            if state.last_request_digest and state.last_request_digest != self.request_digest:
+                raise FailedPrecondition("sequence: this sequence number was already decided for another request")
             # A retry: the stored answer, nothing recomputed, nothing changed.
             return Transition(pb.ReportBlockResponse.FromString(state.last_response), None)
         if sequence == 0:
             raise InvalidArgument("sequence", "starts at 1")
         if sequence != state.last_sequence + 1:
-            raise Aborted(f"sequence: got {sequence}, expected {state.last_sequence + 1} (or {state.last_sequence} to retry)")
+            # The expected number stays out of the message: errors reveal no state.
+            raise Aborted("sequence: out of order (each report's follows the last decided one, or repeats it to retry)")
         started = time.perf_counter()
         report = validate_report(request, state)
         response, next_state, decision = decide(state, report, sequence)
+        if self.max_state_bytes:
+            check_state_bytes(next_state.array_bytes, self.max_state_bytes, "layers")
+        next_state = next_state.evolve(last_request_digest=self.request_digest)
         self.decision = replace(decision, seconds=time.perf_counter() - started)
         if self.digest is not None:
             self.digested = self.digest(self.decision)

@@ -177,7 +177,7 @@ def _positions(request: pb.ReportBlockRequest, last_position: int) -> np.ndarray
     if positions.size > 1 and not (np.diff(positions) > 0).all():
         raise InvalidArgument("positions", "must be strictly increasing")
     if positions[0] <= last_position or positions[0] < 0:
-        raise InvalidArgument("positions", f"first position {positions[0]} must be >= 0 and above {last_position}, the last one reported")
+        raise InvalidArgument("positions", f"first position {positions[0]} must be >= 0 and above the last one reported")
     if positions[-1] > MAX_POSITION:
         raise InvalidArgument("positions", f"position {positions[-1]} exceeds {MAX_POSITION}")
     return positions
@@ -194,8 +194,9 @@ def _layer(
     if layer.cache_length != expected_length:
         raise InvalidArgument(
             f"{field}.cache_length",
-            f"expected {expected_length} ({tracked} cached + {new_tokens} new tokens"
-            + (f" - {dropped} out of the sliding window" if dropped else "") + f"), got {layer.cache_length}",
+            # The session's own lengths stay out of the message: errors reveal no state.
+            f"got {layer.cache_length}, which is not the session's cached tokens + the {new_tokens} new ones"
+            + (" - those out of the sliding window" if dropped else ""),
         )
     if len(layer.values) != len(settings.statistics):
         raise InvalidArgument(f"{field}.values", f"expected {len(settings.statistics)} tensors (one per negotiated statistic), got {len(layer.values)}")
