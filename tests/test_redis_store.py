@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from kvevict.cache_manager.errors import NotFound, ResourceExhausted, StoreUnavailable
+from kvevict.cache_manager.errors import FailedPrecondition, NotFound, ResourceExhausted, StoreUnavailable
 from kvevict.cache_manager.redis_store import RedisStateStore, redact
 from kvevict.cache_manager.state import SessionState
 from kvevict.cache_manager.transitions import open_session, report_step
@@ -33,7 +33,11 @@ def two_reports(session_id: str):
     return first, second
 
 
-def test_a_write_between_read_and_commit_makes_the_step_run_again(redis_server) -> None:
+@pytest.mark.parametrize("mine", ["the same request", "another request"])
+def test_a_write_between_read_and_commit_makes_the_step_run_again(redis_server, mine: str) -> None:
+    """The compare-and-set refuses a state read before another replica's write: the step runs
+    again on the winner's state, which answers a retry of the same request with the stored
+    decision and refuses another request under that number (the stored state stays the winner's)."""
     state = new_state()
     first, second = two_reports("s1")
     competitor = report_step(second)(state)  # another replica decides `second` meanwhile
@@ -41,7 +45,7 @@ def test_a_write_between_read_and_commit_makes_the_step_run_again(redis_server) 
     async def scenario():
         store = RedisStateStore.from_url(redis_server.url)
         await store.create(state)
-        mine = report_step(first)
+        decide = report_step(second if mine == "the same request" else first)
         seen: list[int] = []
 
         def step(stored):
@@ -49,19 +53,25 @@ def test_a_write_between_read_and_commit_makes_the_step_run_again(redis_server) 
             if len(seen) == 1:
                 with redis_server.client() as client:  # the competitor commits first
                     client.set(store.key("s1"), store.encode(competitor.state))
-            return mine(stored)
+            return decide(stored)
 
-        answer = await store.update("s1", step)
+        try:
+            answer = await store.update("s1", step)
+        except FailedPrecondition as error:
+            answer = error
         stored = await store.get("s1")
         await store.close()
         return answer, stored, seen, store.conflicts, store.cache
 
     answer, stored, seen, conflicts, cache = run(scenario())
     assert seen == [0, 1] and conflicts == 1  # ran on the old state, lost, ran on the new one
-    # Its own state came from the cache; the competitor's was read once, then served from the cache.
-    assert (cache.hits, cache.misses) == (2, 1)
-    assert answer.SerializeToString() == competitor.result.SerializeToString()  # the stored decision
-    assert stored.to_bytes() == competitor.state.to_bytes()
+    assert stored.to_bytes() == competitor.state.to_bytes()  # the loser wrote nothing
+    if mine == "the same request":
+        assert answer.SerializeToString() == competitor.result.SerializeToString()  # the stored decision
+        # Its own state came from the cache; the competitor's was read once, then served from the cache.
+        assert (cache.hits, cache.misses) == (2, 1)
+    else:
+        assert isinstance(answer, FailedPrecondition)
 
 
 def test_ttl_is_set_on_create_refreshed_by_writes_only_and_expiry_is_not_found(redis_server) -> None:
@@ -96,7 +106,7 @@ def test_the_session_limit_is_shared_by_replicas_and_freed_by_close_and_expiry(r
         two = RedisStateStore.from_url(redis_server.url, max_sessions=2)
         await one.create(new_state("a"))
         await two.create(new_state("b"))
-        with pytest.raises(ResourceExhausted, match="too many sessions"):
+        with pytest.raises(ResourceExhausted, match="^max_sessions: the manager's limit of 2 open sessions is reached$"):
             await one.create(new_state("c"))
         assert await two.count() == 2
         deleted = await two.delete("a")
@@ -155,8 +165,7 @@ def test_a_cached_state_is_used_only_while_it_is_the_stored_version(redis_server
         seen = await store.get("s1")
         assert seen.last_sequence == mine.last_sequence == 1
         assert seen.to_bytes() == other.state.to_bytes() != mine.to_bytes()
-        third, _ = two_reports("s1")
-        third.sequence = 1
+        _, third = two_reports("s1")  # `second` again: the stored state's request, not the cached one's
         assert (await store.update("s1", report_step(third))).SerializeToString() == other.result.SerializeToString()
         await store.close()
 
