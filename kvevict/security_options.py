@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from kvevict.auth import AuthInterceptor, Authenticator, load_tokens, read_token
+from kvevict.auth import AuthInterceptor, Authenticator, load_tokens, read_token, token_metadata
 from kvevict.tls import ClientTls, ServerTls
 
 
@@ -62,6 +62,18 @@ class ClientSecurity:
 
     def credentials(self) -> grpc.ChannelCredentials | None:
         return None if self.tls is None else self.tls.credentials()
+
+    def channel(self, address: str, options: list[tuple[str, int]]) -> grpc.Channel:
+        """A channel to `address`: TLS when configured, else plaintext."""
+        credentials = self.credentials()
+        if credentials is None:
+            return grpc.insecure_channel(address, options=options)
+        return grpc.secure_channel(address, credentials, options=options)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata presenting the token (empty without one)."""
+        return token_metadata(self.token)
 
 
 def _env(name: str) -> str | None:

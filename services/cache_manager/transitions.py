@@ -41,7 +41,7 @@ def require(state: SessionState | None, session_id: str, owner: str = "") -> Ses
     """The session if it exists and belongs to `owner`. Another identity's session is reported
     exactly as an unknown one, so ids cannot be probed."""
     if state is None or state.owner != owner:
-        raise NotFound(f"session_id: unknown or expired session {session_id!r}")
+        raise NotFound("session_id: unknown or expired session")
     return state
 
 

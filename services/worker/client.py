@@ -12,6 +12,7 @@ import grpc
 from kvevict import wire
 from kvevict.cli_options import budget_spec, policy_label, policy_spec
 from kvevict.grpc_options import channel_options
+from kvevict.security_options import client_security
 from kvevict.v1 import worker_pb2, worker_pb2_grpc
 from kvevict.worker import output
 from kvevict.worker.summary import EvictionSummary
@@ -59,11 +60,12 @@ def generate_request(args: argparse.Namespace) -> worker_pb2.GenerateRequest:
 def run_generate(args: argparse.Namespace) -> int:
     request = generate_request(args)
     text, token_ids = [], []
-    with grpc.insecure_channel(args.worker, options=channel_options()) as channel:
+    security = client_security(args, "")
+    with security.channel(args.worker, channel_options()) as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         final = None
         try:
-            for response in stub.Generate(request, timeout=args.timeout):
+            for response in stub.Generate(request, timeout=args.timeout, metadata=security.metadata):
                 text.append(response.text)
                 token_ids.extend(response.token_ids)
                 if response.text and not args.json:
@@ -93,9 +95,11 @@ def run_score(args: argparse.Namespace) -> int:
         request.token_ids.ids.extend(parse_token_ids(args.token_ids))
     else:
         request.text = args.text if args.text is not None else args.file.read_text()
-    with grpc.insecure_channel(args.worker, options=channel_options()) as channel:
+    security = client_security(args, "")
+    with security.channel(args.worker, channel_options()) as channel:
         try:
-            response = worker_pb2_grpc.WorkerServiceStub(channel).Score(request, timeout=args.timeout)
+            response = worker_pb2_grpc.WorkerServiceStub(channel).Score(request, timeout=args.timeout,
+                                                                        metadata=security.metadata)
         except grpc.RpcError as error:
             return _rpc_failed(error)
     logprobs = wire.decode(response.token_logprobs, "token_logprobs")

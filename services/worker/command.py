@@ -5,8 +5,12 @@ KVEVICT_WORKER_PORT, KVEVICT_MODEL, KVEVICT_DEVICE, KVEVICT_DTYPE, KVEVICT_THREA
 KVEVICT_MANAGER, KVEVICT_MANAGER_TIMEOUT_S, KVEVICT_MANAGER_RETRIES, KVEVICT_FAIL_OPEN,
 KVEVICT_DEFAULT_MAX_NEW_TOKENS, KVEVICT_MAX_NEW_TOKENS_LIMIT, KVEVICT_MAX_PROMPT_TOKENS,
 KVEVICT_MAX_QUEUE, KVEVICT_MAX_MESSAGE_MB, KVEVICT_GRACE_S, KVEVICT_WORKER_METRICS_PORT,
-KVEVICT_LOG_LEVEL. The clients
-read KVEVICT_WORKER (host:port).
+KVEVICT_LOG_LEVEL, KVEVICT_MANAGER_RETRY_BUDGET_S; for security KVEVICT_WORKER_TLS_CERT,
+KVEVICT_WORKER_TLS_KEY, KVEVICT_WORKER_TLS_CLIENT_CA, KVEVICT_WORKER_TLS_ALLOWED_CLIENTS,
+KVEVICT_WORKER_AUTH_TOKENS and, for the manager channel, KVEVICT_WORKER_MANAGER_TLS_CA,
+KVEVICT_WORKER_MANAGER_TLS_CERT, KVEVICT_WORKER_MANAGER_TLS_KEY, KVEVICT_WORKER_MANAGER_TOKEN_FILE.
+The clients read KVEVICT_WORKER (host:port) and KVEVICT_CLIENT_TLS_CA, KVEVICT_CLIENT_TLS_CERT,
+KVEVICT_CLIENT_TLS_KEY, KVEVICT_CLIENT_TOKEN_FILE.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from pathlib import Path
 from kvevict import defaults
 from kvevict.cli_options import (add_eviction_flags, add_runtime_flags, add_sampling_flags, budget_spec,
                                  env_default, env_flag, policy_spec, statistics_dtype)
+from kvevict.security_options import (add_client_security_flags, add_server_security_flags, client_security,
+                                      server_security)
 
 DEFAULT_WORKER = "127.0.0.1:50052"
 
@@ -65,8 +71,12 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
          "cache manager: host:port of a CacheManagerService, or `embedded` (in-process, in-memory state)")
     _env(parser, "--manager-timeout", "manager_timeout", "KVEVICT_MANAGER_TIMEOUT_S", "5.0",
          "deadline of one manager call, seconds", type=float)
-    _env(parser, "--manager-retries", "manager_retries", "KVEVICT_MANAGER_RETRIES", "3",
-         "retries (with backoff) of a manager call that is UNAVAILABLE or past its deadline", type=int)
+    _env(parser, "--manager-retry-budget", "manager_retry_budget", "KVEVICT_MANAGER_RETRY_BUDGET_S", "15",
+         "seconds a manager call that is UNAVAILABLE or past its deadline is retried (with backoff): long "
+         "enough to ride out a manager or Redis restart", type=float)
+    _env(parser, "--manager-retries", "manager_retries", "KVEVICT_MANAGER_RETRIES", None,
+         "an extra cap on the retries of one manager call (default: the budget alone)", type=int)
+    add_client_security_flags(parser, "manager-", "KVEVICT_WORKER_MANAGER", "the manager")
     parser.add_argument("--fail-open", action=argparse.BooleanOptionalAction, default=None,
                         help="when the manager stays unreachable, decide in-process with the same policy code "
                              "(--no-fail-open: fail the request UNAVAILABLE) [KVEVICT_FAIL_OPEN, default true]")
@@ -91,6 +101,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     _env(parser, "--conversation-ttl", "conversation_ttl", "KVEVICT_CONVERSATION_TTL_S", "600",
          "seconds a kept conversation lives without a request continuing it", type=float)
     _env(parser, "--log-level", "log_level", "KVEVICT_LOG_LEVEL", "INFO", "debug, info, warning or error")
+    add_server_security_flags(parser, "KVEVICT_WORKER")
     group = parser.add_argument_group("eviction of requests that do not set it")
     add_eviction_flags(group)
 
@@ -122,6 +133,8 @@ def run_serve(args: argparse.Namespace) -> int:
         model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
         threads=int(args.threads) if args.threads is not None else None, trust_remote_code=args.trust_remote_code,
         manager=args.manager, manager_timeout_s=args.manager_timeout, manager_retries=args.manager_retries,
+        manager_retry_budget_s=args.manager_retry_budget, manager_security=client_security(args, "manager-"),
+        security=server_security(args),
         eviction=EvictionDefaults(policy=policy_spec(args), budget=budget_spec(args),
                                   block_size=args.block_size or defaults.BLOCK_SIZE,
                                   statistics_dtype=statistics_dtype(args), fail_open=fail_open,
@@ -143,6 +156,7 @@ def _add_client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker", default=env_default("KVEVICT_WORKER", DEFAULT_WORKER),
                         help=f"host:port of the worker [KVEVICT_WORKER, default {DEFAULT_WORKER}]")
     parser.add_argument("--timeout", type=float, default=None, help="deadline of the call, seconds (default none)")
+    add_client_security_flags(parser, "", "KVEVICT_CLIENT", "the worker")
 
 
 def add_generate_flags(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,9 @@ A conversation is taken out (`take`) by the request that continues it and put ba
 when that turn ends well, so two requests never run on one cache; a failed or cancelled turn
 leaves the cache mid-turn, so it is closed instead (`drop`). Conversations unused for `ttl_s`
 expire; `expired()` hands them over for closing on the model thread, which runs every forward.
-Ids are random 128-bit secrets (whoever holds one can continue or end the conversation).
+Ids are random 128-bit secrets, and a conversation belongs to the identity that kept it
+(kvevict.auth): another identity holding the id is told it does not exist. Without
+authentication every caller is one identity, and the id alone opens the conversation.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Conversation:
     id: str = ""
     expires_at: float = 0.0
     busy: bool = False
+    owner: str = ""  # the identity that kept it
 
 
 class ConversationStore:
@@ -60,11 +63,11 @@ class ConversationStore:
                 raise ConversationError("full", f"this worker keeps at most {self.capacity} conversations; end one "
                                                 "(end_conversation) or wait for one to expire")
 
-    def take(self, conversation_id: str) -> Conversation:
-        """The conversation, marked busy until `keep` or `drop`."""
+    def take(self, conversation_id: str, owner: str = "") -> Conversation:
+        """`owner`'s conversation, marked busy until `keep` or `drop` (another owner's: not found)."""
         with self._lock:
             found = self._held.get(conversation_id)
-            if found is None or (not found.busy and found.expires_at <= self._clock()):
+            if found is None or found.owner != owner or (not found.busy and found.expires_at <= self._clock()):
                 raise ConversationError("not_found", "no such conversation: it ended, expired or was never kept")
             if found.busy:
                 raise ConversationError("busy", "the conversation is in use by a running request")

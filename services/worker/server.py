@@ -4,13 +4,18 @@ The servicer is thin: it validates a request (`prompts`), queues a job for the m
 (`scheduler`: one request at a time, in arrival order, at most `max_queue` waiting), streams
 what the job produces and maps failures to status codes:
 
+    no or a wrong token / client certificate ............... UNAUTHENTICATED
+    a client certificate not allowed ....................... PERMISSION_DENIED
+    request bytes that are not a request message ........... INVALID_ARGUMENT
     request field invalid (named in the details) ........... INVALID_ARGUMENT
+    conversation_id unknown, expired or another client's ... NOT_FOUND
     chat prompt, tokenizer without chat template ........... FAILED_PRECONDITION
     queue full; prompt or max_new_tokens above the limits .. RESOURCE_EXHAUSTED
     model still loading; shutting down; manager
       unreachable with fail-open off ....................... UNAVAILABLE
     manager lost the session (fail-open off) ............... ABORTED
-    manager refused the session (too many) ................. RESOURCE_EXHAUSTED
+    manager refused the session (a limit; fail-open off) ... RESOURCE_EXHAUSTED
+    manager refused the worker's report (fail-open off) .... UNAVAILABLE
     anything else (a bug, logged with its traceback) ....... INTERNAL
 
 Generate streams one message per generated token (its id, and the text it completes, possibly
@@ -47,6 +52,8 @@ from kvevict.cache_manager.errors import Aborted, InvalidArgument, ManagerError,
 from kvevict.logs import log_event
 from kvevict.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, server_options
 from kvevict.grpc_server import ServiceHealth, bind
+from kvevict.request_decoding import RequestDecodingInterceptor
+from kvevict.security_options import ClientSecurity, ServerSecurity
 from kvevict.metrics import DISABLED_PORT, MetricsServer, check_metrics_port
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import worker_pb2, worker_pb2_grpc
@@ -93,7 +100,10 @@ class WorkerConfig:
     trust_remote_code: bool = False
     manager: str = "embedded"  # or host:port of a CacheManagerService
     manager_timeout_s: float = 5.0
-    manager_retries: int = 3
+    manager_retry_budget_s: float = 15.0  # of retries per manager call: covers a manager or Redis restart
+    manager_retries: int | None = None  # an extra cap on retries per call (None: the budget alone)
+    manager_security: ClientSecurity = ClientSecurity()  # TLS and token of the manager channel
+    security: ServerSecurity = ServerSecurity()  # TLS and tokens of this worker's own clients
     max_queue: int = 16  # requests waiting behind the running one
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_s: float = 10.0
@@ -106,10 +116,12 @@ class WorkerConfig:
         if self.max_conversations < 0 or self.conversation_ttl_s <= 0:
             raise ValueError(f"need max conversations >= 0 and conversation TTL > 0, got {self.max_conversations} "
                              f"and {self.conversation_ttl_s}")
-        for name in ("port", "max_queue", "grace_s", "manager_retries"):
+        for name in ("port", "max_queue", "grace_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("manager_timeout_s", "max_message_bytes"):
+        if self.manager_retries is not None and self.manager_retries < 0:
+            raise ValueError(f"manager_retries must be >= 0, got {self.manager_retries}")
+        for name in ("manager_timeout_s", "manager_retry_budget_s", "max_message_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         limits = self.limits
@@ -174,10 +186,13 @@ class TrackingManagerClient:
 def make_manager(config: WorkerConfig, metrics: WorkerMetrics | None = None) -> TrackingManagerClient:
     if config.manager == "embedded":
         return TrackingManagerClient(EmbeddedManagerClient())
+    security = config.manager_security
     return TrackingManagerClient(RemoteManagerClient(config.manager, timeout_s=config.manager_timeout_s,
                                                      retries=config.manager_retries,
+                                                     retry_budget_s=config.manager_retry_budget_s,
                                                      max_message_bytes=config.max_message_bytes,
-                                                     on_retry=None if metrics is None else metrics.retried))
+                                                     on_retry=None if metrics is None else metrics.retried,
+                                                     credentials=security.credentials(), token=security.token))
 
 
 def summary_to_proto(summary: EvictionSummary) -> worker_pb2.EvictionSummary:
@@ -208,6 +223,7 @@ class _Job:
     """What runs on the model thread for one call, with the call's cancel flag and timings."""
 
     request_id: str
+    identity: str = ""  # the caller (kvevict.auth): owner of the conversations it keeps
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
@@ -233,6 +249,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, config: WorkerConfig, manager: TrackingManagerClient, scheduler: ModelScheduler,
                  metrics: WorkerMetrics | None = None) -> None:
         self.config = config
+        self.authenticator = config.security.authenticator
         self.manager = manager
         self.scheduler = scheduler
         self.metrics = metrics
@@ -242,7 +259,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     # -- Generate -------------------------------------------------------------------------
     async def Generate(self, request: worker_pb2.GenerateRequest, context):
-        job = _Job(request_id=uuid.uuid4().hex[:12])
+        # The interceptor refused callers without an identity; conversations belong to this one.
+        job = _Job(request_id=uuid.uuid4().hex[:12], identity=self.authenticator.identity(context))
         responses = self._generate(job, request, context)
         try:
             async for response in responses:
@@ -287,7 +305,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             """On the model thread, once the turn ended (completion None: it failed mid-turn,
             and the generator closed the session): keep the cache for the next turn, or let it go."""
             if completion is not None and request.keep_conversation:
-                kept = conversation or Conversation(session=completion.session, last_token=None)
+                kept = conversation or Conversation(session=completion.session, last_token=None, owner=job.identity)
                 kept.session = completion.session
                 kept.last_token = completion.token_ids[-1] if completion.token_ids else None
                 kept_id.append(self.conversations.keep(kept))
@@ -365,7 +383,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         try:
             if request.keep_conversation:
                 self.conversations.check_room(request.conversation_id)
-            return self.conversations.take(request.conversation_id) if request.conversation_id else None
+            return self.conversations.take(request.conversation_id, job.identity) if request.conversation_id else None
         except ConversationError as error:
             code, field_name = _CONVERSATION_CODES[error.kind]
             await self._abort(context, job, "generate", code, f"{field_name}: {error}")
@@ -548,7 +566,9 @@ def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
         request_error = prompts.eviction_error(error)
         if request_error is not None:
             return grpc.StatusCode.INVALID_ARGUMENT, str(request_error)
-        return grpc.StatusCode.INTERNAL, f"the cache manager rejected the worker's report: {error}"
+        # Not the caller's fault, and not a bug of this worker alone: a manager of another version
+        # or configuration refused what this worker sends (fail-open decides in-process instead).
+        return grpc.StatusCode.UNAVAILABLE, f"the cache manager refused the worker's report: {error}"
     if isinstance(error, ManagerUnavailable):
         return grpc.StatusCode.UNAVAILABLE, f"cache manager unavailable (fail-open is off): {error}"
     if isinstance(error, (NotFound, Aborted)):
@@ -576,7 +596,9 @@ class WorkerServer:
             self.metrics_server = MetricsServer(self.metrics.registry)
         self.manager = make_manager(config, self.metrics)
         self.servicer = WorkerServicer(config, self.manager, self.scheduler, self.metrics)
+        # Counted first (every outcome), then refused without credentials, then decoded.
         interceptors = [] if self.metrics is None else [self.metrics.rpcs.interceptor()]
+        interceptors += [*config.security.interceptors(), RequestDecodingInterceptor()]
         self.server = grpc.aio.server(options=server_options(config.max_message_bytes), interceptors=interceptors)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.servicer, self.server)
         self.health = ServiceHealth(self.server, SERVICE_NAME)
@@ -585,7 +607,7 @@ class WorkerServer:
 
     async def start(self) -> int:
         """Binds gRPC, then the metrics port (OSError if either is taken), and starts serving."""
-        self.port = bind(self.server, self.config.host, self.config.port)
+        self.port = bind(self.server, self.config.host, self.config.port, self.config.security.credentials())
         if self.metrics_server is not None:
             self.metrics_port = self.metrics_server.start(self.config.host, self.config.metrics_port)
         await self.health.set(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -643,7 +665,8 @@ async def serve(config: WorkerConfig) -> int:
             log_event(log, logging.INFO, "worker.ready", host=config.host, port=port, metrics_port=metrics_port,
                       model=config.model,
                       device=config.device, dtype=config.dtype, manager=config.manager,
-                      fail_open=config.eviction.fail_open, layers=runtime.geometry.num_layers,
+                      fail_open=config.eviction.fail_open, security=config.security.describe(),
+                      manager_tls=config.manager_security.tls is not None, layers=runtime.geometry.num_layers,
                       kv_heads=runtime.geometry.num_kv_heads, vocab=runtime.vocab_size, max_queue=config.max_queue)
             await stopped
     else:
