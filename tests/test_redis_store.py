@@ -6,6 +6,7 @@ as StoreUnavailable."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -13,6 +14,7 @@ from kvevict.cache_manager.errors import FailedPrecondition, NotFound, ResourceE
 from kvevict.cache_manager.redis_store import RedisStateStore, redact
 from kvevict.cache_manager.state import SessionState
 from kvevict.cache_manager.transitions import open_session, report_step
+from tests.servers import RedisServer, wait_until
 from tests.test_manager_support import open_request, start
 
 
@@ -20,8 +22,8 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
-def new_state(session_id: str = "s1", **options) -> SessionState:
-    return open_session(open_request("h2o", "caote", budget=12, sink=1, **options), session_id)[1]
+def new_state(session_id: str = "s1", owner: str = "", **options) -> SessionState:
+    return open_session(open_request("h2o", "caote", budget=12, sink=1, **options), session_id, owner)[1]
 
 
 def two_reports(session_id: str):
@@ -121,6 +123,150 @@ def test_the_session_limit_is_shared_by_replicas_and_freed_by_close_and_expiry(r
         await two.close()
 
     run(scenario())
+
+
+def test_the_per_owner_limit_counts_each_owners_live_sessions_and_a_refusal_reserves_nothing(redis_server) -> None:
+    async def scenario():
+        store = RedisStateStore.from_url(redis_server.url, max_sessions=4, max_sessions_per_owner=2)
+        other = RedisStateStore.from_url(redis_server.url, max_sessions=4, max_sessions_per_owner=2)  # a replica
+        await store.create(new_state("a1", "alice"))
+        await other.create(new_state("a2", "alice"))
+        with pytest.raises(ResourceExhausted) as refused:
+            await store.create(new_state("a3", "alice"))
+        # The message names the limit only: nothing about the sessions or the other clients.
+        assert str(refused.value) == "max_sessions_per_client: the client's limit of 2 open sessions is reached"
+        assert await store.count() == 2  # the refused id's global reservation was undone
+        await store.create(new_state("b1", "bob"))  # another owner has its own count
+        await other.create(new_state("n1"))  # "" (nobody authenticated) is an owner like any other
+        with pytest.raises(ResourceExhausted, match="^max_sessions: the manager's limit of 4 open sessions is reached$"):
+            await store.create(new_state("b2", "bob"))
+        with redis_server.client() as client:
+            assert client.zrange(store.owner_key("bob"), 0, -1) == [b"b1"]  # not reserved for b2 either
+            assert all(b"alice" not in key and b"bob" not in key for key in client.keys("*"))  # digests only
+            await other.delete("a1")  # closing frees a place in alice's count...
+            await store.create(new_state("a3", "alice"))
+            client.pexpire(store.key("a2"), 1)  # ...and so does expiring
+            client.zadd(store.owner_key("alice"), {"a2": 0})
+            client.zadd(store.index_key, {"a2": 0})
+            await store.create(new_state("a4", "alice"))
+            assert sorted(client.zrange(store.owner_key("alice"), 0, -1)) == [b"a3", b"a4"]
+            await store.delete("n1")  # room in the global count, none in alice's
+            with pytest.raises(ResourceExhausted, match="^max_sessions_per_client: "):
+                await other.create(new_state("a5", "alice"))
+            assert await store.count() == 3
+        await store.close()
+        await other.close()
+
+    run(scenario())
+
+
+def test_a_session_deleted_during_a_report_is_not_indexed_again(redis_server) -> None:
+    """The index refresh pipelined with the CAS only moves entries that exist: a report racing
+    a close does not bring the closed session back into the counts."""
+    first, _ = two_reports("s1")
+
+    async def scenario():
+        store = RedisStateStore.from_url(redis_server.url)
+        await store.create(new_state("s1", "alice"))
+        decide = report_step(first, owner="alice")
+
+        def step(stored):
+            if stored is not None:
+                with redis_server.client() as client:  # another replica closes the session meanwhile
+                    client.delete(store.key("s1"))
+                    client.zrem(store.index_key, "s1")
+                    client.zrem(store.owner_key("alice"), "s1")
+            return decide(stored)
+
+        with pytest.raises(NotFound):
+            await store.update("s1", step)
+        with redis_server.client() as client:
+            assert client.zscore(store.index_key, "s1") is None
+            assert client.zscore(store.owner_key("alice"), "s1") is None
+        assert await store.count() == 0 and store.conflicts == 1
+        await store.close()
+
+    run(scenario())
+
+
+def test_a_write_indexes_again_a_live_session_whose_entry_was_pruned(redis_server) -> None:
+    first, _ = two_reports("s1")
+
+    async def scenario():
+        store = RedisStateStore.from_url(redis_server.url, ttl_s=100)
+        await store.create(new_state("s1", "alice"))
+        with redis_server.client() as client:
+            client.zrem(store.index_key, "s1")  # e.g. pruned by a node whose clock runs ahead
+            client.zrem(store.owner_key("alice"), "s1")
+            await store.update("s1", report_step(first, owner="alice"))
+            now = float(client.time()[0])
+            for index in (store.index_key, store.owner_key("alice")):
+                assert now + 99 < client.zscore(index, "s1") <= now + 101
+        assert await store.count() == 1
+        await store.close()
+
+    run(scenario())
+
+
+def test_wait_replicas_acknowledges_every_write_or_is_unavailable(redis_server, tmp_path) -> None:
+    """With `wait_replicas`, a state write is answered only once a replica holds it: a stalled
+    replica makes it UNAVAILABLE (the write stays: a retried report gets the stored decision,
+    once the replica holds it); a create nobody acknowledged leaves nothing behind."""
+    first, _ = two_reports("s1")
+    with RedisServer(tmp_path / "replica") as replica, replica.client() as on_replica, \
+            redis_server.client() as on_master:
+
+        async def scenario():
+            lonely = RedisStateStore.from_url(redis_server.url, wait_replicas=1, wait_timeout_ms=100, max_sessions=5)
+            with pytest.raises(StoreUnavailable, match="^redis create failed: ReplicasBehind: 0 of 1 replicas"):
+                await lonely.create(new_state("x"))  # no replica yet
+            assert on_master.keys("*") == [] and await lonely.count() == 0  # undone
+            on_replica.replicaof("127.0.0.1", redis_server.port)
+            wait_until(lambda: on_replica.info("replication")["master_link_status"] == "up", 10, what="the replica")
+
+            store = RedisStateStore.from_url(redis_server.url, wait_replicas=1, wait_timeout_ms=300)
+            await store.create(new_state())
+            assert on_replica.get(store.key("s1")) == on_master.get(store.key("s1"))  # there when acknowledged
+            replica.pause()
+            try:
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable, match="^redis update failed: ReplicasBehind: 0 of 1"):
+                    await store.update("s1", report_step(first))
+                assert time.monotonic() - started >= 0.3
+                # Still stalled: the retry finds its decision stored, but cannot confirm it either.
+                with pytest.raises(StoreUnavailable, match="ReplicasBehind"):
+                    await store.update("s1", report_step(first))
+            finally:
+                replica.resume()
+            answer = await store.update("s1", report_step(first))
+            decided = (await store.get("s1")).last_response
+            assert answer.SerializeToString() == decided and (await store.get("s1")).reports == 1  # decided once
+            assert on_replica.get(store.key("s1")) == on_master.get(store.key("s1"))
+            await lonely.close()
+            await store.close()
+
+        run(scenario())
+
+
+def test_cluster_urls_and_options_are_checked() -> None:
+    store = RedisStateStore.from_url("rediss-cluster://user:secret@10.0.0.1:7000,[::1]:7001/0?ssl_cert_reqs=none",
+                                     timeout_s=1.5)
+    assert store.cluster
+    assert [(n.host, n.port) for n in store.client.startup_nodes] == [("10.0.0.1", 7000), ("::1", 7001)]
+    kwargs = store.client.get_connection_kwargs()
+    assert (kwargs["username"], kwargs["password"], kwargs["socket_timeout"]) == ("user", "secret", 1.5)
+    assert kwargs["connection_class"].__name__ == "SSLConnection" and kwargs["ssl_cert_reqs"] == "none"
+    assert not RedisStateStore.from_url("redis://127.0.0.1:1/0").cluster
+    assert redact("redis-cluster://user:secret@a:1,b:2") == "redis-cluster://user:***@a:1,b:2"
+    assert store.key("s1") == "kvevict:{s1}:state"
+    assert store.owner_key("alice") != store.owner_key("bob") and "alice" not in store.owner_key("alice")
+    for url, wrong in (("redis-cluster://a:1/3", "database 0"), ("redis-cluster://a:1,b", "host:port")):
+        with pytest.raises(ValueError, match=wrong):
+            RedisStateStore.from_url(url)
+    with pytest.raises(ValueError, match="wait_timeout_ms"):
+        RedisStateStore.from_url("redis://127.0.0.1:1/0", timeout_s=1.0, wait_replicas=1, wait_timeout_ms=1000)
+    with pytest.raises(ValueError, match="prefix"):
+        RedisStateStore.from_url("redis://127.0.0.1:1/0", prefix="app:{x}:")
 
 
 def test_redis_down_is_store_unavailable(redis_server) -> None:

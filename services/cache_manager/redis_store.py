@@ -430,10 +430,11 @@ class RedisStateStore:
         cas = ("EVAL", _CAS, 1, key, version, data, self.ttl_s)
         indexes = (self.index_key, self.owner_key(state.owner))
         touches = [("EVAL", _TOUCH, 1, index, self.ttl_s, session_id, self.ttl_s + INDEX_GRACE_S) for index in indexes]
-        if self.cluster:  # the indexes live on other slots: their touches go in parallel
+        if self.cluster and self.wait_replicas:  # WAIT pinned to the key's master; the touches in parallel
             on_key, touched = await _gather(self._on_key_node(key, [cas, *self._wait()]), self._pipeline(touches))
             written, acks = on_key[0], on_key[1:]
-        else:  # one connection, in order: CAS, touches, WAIT (which then covers the touches too)
+        else:  # one pipeline: on one Redis, in order on one connection (CAS, touches, then WAIT,
+            # which covers the touches too); on a cluster, one round trip to each node involved
             results = await self._pipeline([cas, *touches, *self._wait()])
             written, touched, acks = results[0], results[1:3], results[3:]
         if not written:
@@ -466,19 +467,25 @@ class RedisStateStore:
 
     async def _on_key_node(self, key: str, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Commands in order on ONE connection to the master of `key`'s slot, which is what
-        WAIT needs: it counts the replicas that acknowledged this connection's writes. (A
-        cluster pipeline that retries after a broken connection would send a keyless WAIT to
-        its default node.) A stale slot map answers MOVED: StoreUnavailable, and the next
-        command, routed by the cluster client, updates the map."""
-        if not self.cluster:
+        WAIT needs: it counts the replicas that acknowledged this connection's writes. A
+        pipeline does that, except on a cluster with a (keyless) WAIT in it: a cluster pipeline
+        routes WAIT to its default node when it retries after a broken connection, so there the
+        commands go straight to the key's master; if that fails, a routed command lets the
+        cluster client see the failure (and re-read the slot map) for the next call."""
+        if not (self.cluster and self.wait_replicas):
             return await self._pipeline(commands)
         await self.client.initialize()  # a no-op once the slot map is known
         node = self.client.get_node_from_key(key)
         queued = [PipelineCommand(i, *command) for i, command in enumerate(commands)]
-        await node.execute_pipeline(queued)
-        for command in queued:
-            if isinstance(command.result, BaseException):
-                raise command.result
+        try:
+            await node.execute_pipeline(queued)
+            for command in queued:
+                if isinstance(command.result, BaseException):
+                    raise command.result
+        except (RedisError, OSError, asyncio.TimeoutError):
+            with contextlib.suppress(RedisError, RedisClusterException, OSError, asyncio.TimeoutError):
+                await self.client.exists(key)
+            raise
         return [command.result for command in queued]
 
     async def _undo(self, session_id: str, keys: Sequence[str]) -> None:
