@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from kvevict import defaults, wire
-from kvevict.cache_manager.errors import NotFound
+from kvevict.cache_manager.errors import InvalidArgument, ManagerError, NotFound, ResourceExhausted
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
 from kvevict.worker import attention
@@ -31,8 +31,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A manager that stays unreachable, or lost the session (restarted without its state).
-_LOST_MANAGER = (ManagerUnavailable, NotFound)
+
+def _fallback_reason(error: BaseException) -> str | None:
+    """Why fail-open may decide in-process after `error` (None: the error stands): a manager
+    that stays unreachable or lost the session (restarted without its state), one that refuses
+    the session or a call for load (RESOURCE_EXHAUSTED), or one that rejects the worker's own
+    report or geometry (an older or stricter manager). An InvalidArgument naming a field of the
+    request's eviction settings is the client's error and fails the request, fail-open or not;
+    so does a refused credential (ManagerAuthError), which a fallback would only hide."""
+    if isinstance(error, ManagerUnavailable):
+        return "unreachable"
+    if isinstance(error, NotFound):
+        return "lost_session"
+    if isinstance(error, ResourceExhausted):
+        return "overloaded"
+    if isinstance(error, InvalidArgument):
+        from kvevict.worker.prompts import eviction_error  # prompts imports this module
+
+        return "rejected_report" if eviction_error(error) is None else None
+    return None
+
 
 # Called before every forward with the new tokens' positions (q,) and every layer's cached
 # positions (Hkv, L) including them: exactly what each query of the forward can see.
@@ -48,8 +66,8 @@ class EvictionSettings:
     block_size: int = defaults.BLOCK_SIZE
     # DTYPE_UNSPECIFIED: the manager chooses per statistic (bfloat16 or float16, 2 bytes each).
     statistics_dtype: int = tensor_pb2.DTYPE_UNSPECIFIED
-    # When the manager stays unreachable (or lost the session), go on with the same policy code
-    # in-process instead of failing the request.
+    # When the manager stays unreachable, lost the session, refuses it for load or rejects the
+    # worker's report, go on with the same policy code in-process instead of failing the request.
     fail_open: bool = True
     # Decide period n while period n+1 runs: the report goes out at the end of its period and its
     # keep masks apply at the end of the next one, so the manager's round trip hides behind the
@@ -66,6 +84,8 @@ class SessionStats:
     """Counters of one session, for the eviction summary."""
 
     reports: int = 0
+    # Wall time of every manager call (open, reports, close), failed ones and their retries and
+    # an in-process fallback's decisions included: what the generation waited for decisions.
     manager_seconds: float = 0.0
     report_bytes: int = 0
     peak_lengths: list[int] = field(default_factory=list)
@@ -130,16 +150,21 @@ class CacheSession:
         self._evicting = True
         self._last_logits: torch.Tensor | None = None  # of the last forward's last position
         self._question_in_context: tuple[list[int], int] | None = None  # observe_question_in_context
+        self._unreachable = False  # a call spent its retry budget and the session did not fall back
 
     def _open(self) -> pb.OpenSessionResponse:
+        started = time.perf_counter()
         try:
             return self.manager.open_session(self._open_request)
-        except _LOST_MANAGER as error:
-            if not self.settings.fail_open:
+        except ManagerError as error:
+            reason = _fallback_reason(error)
+            if not self.settings.fail_open or reason is None:
                 raise
-            self._note_fallback(error)
+            self._note_fallback(error, reason)
             self.manager = EmbeddedManagerClient()
             return self.manager.open_session(self._open_request)
+        finally:
+            self.stats.manager_seconds += time.perf_counter() - started
 
     # -- forwards -------------------------------------------------------------------------
     def prefill(self, token_ids: torch.Tensor, on_block: Callable[[int], None] | None = None,
@@ -349,11 +374,14 @@ class CacheSession:
         started = time.perf_counter()
         try:
             response = self._timed_report(self.manager, request)
-        except _LOST_MANAGER as error:
-            if not self.settings.fail_open:
+        except ManagerError as error:
+            reason = _fallback_reason(error)
+            if not self.settings.fail_open or reason is None:
+                self._unreachable = reason == "unreachable"
                 raise
-            response = self._report_in_process(request, error, tracked)
-        self.stats.manager_seconds += time.perf_counter() - started
+            response = self._report_in_process(request, error, reason, tracked)
+        finally:
+            self.stats.manager_seconds += time.perf_counter() - started
         self.stats.reports += 1
         self.stats.report_bytes += request.ByteSize()
         return response
@@ -398,23 +426,34 @@ class CacheSession:
         return pb.ReportBlockRequest(session_id=self.session_id, sequence=self._sequence, phase=phase,
                                      positions=wire.encode(positions.astype(np.int64)), layers=layers)
 
-    def _report_in_process(self, request: pb.ReportBlockRequest, error: Exception,
+    def _report_in_process(self, request: pb.ReportBlockRequest, error: Exception, reason: str,
                            tracked: list[torch.Tensor]) -> pb.ReportBlockResponse:
         """Fail-open: a local manager adopts the cache as it was before this report (`tracked`,
         each layer's positions then), then decides it."""
-        self._note_fallback(error)
+        self._note_fallback(error, reason)
+        if reason in ("overloaded", "rejected_report"):  # reachable: give its session slot back now
+            self._close_abandoned(self.manager, self.session_id)
         local = EmbeddedManagerClient()
         adopted = local.core.adopt_session(self._open_request, [p.cpu().numpy() for p in tracked])
         self.manager, self.session_id, self._sequence = local, adopted.session_id, 1
         request.session_id, request.sequence = adopted.session_id, 1
         return self._timed_report(local, request)
 
-    def _note_fallback(self, error: Exception) -> None:
+    def _close_abandoned(self, manager: ManagerClient, session_id: str) -> None:
+        """Best effort: the manager's copy of a session that goes on in-process (else it holds a
+        slot of --max-sessions until its TTL)."""
+        try:
+            manager.close_session(pb.CloseSessionRequest(session_id=session_id))
+        except ManagerError as error:
+            log.warning("event=close_failed session=%s error=%r", session_id, str(error))
+
+    def _note_fallback(self, error: Exception, reason: str) -> None:
         # Logged once per session: every later report of the session stays in-process.
         self.stats.manager_fallback = True
         if self.metrics is not None:
             self.metrics.fell_back()
-        log.warning("event=manager_fallback session=%s error=%r", getattr(self, "session_id", None), str(error))
+        log.warning("event=manager_fallback session=%s reason=%s error=%r", getattr(self, "session_id", None),
+                    reason, str(error))
 
     @property
     def closed(self) -> bool:
@@ -436,9 +475,17 @@ class CacheSession:
         if self.metrics is not None:  # the cache is no longer in flight
             self.metrics.kv_cache_changed(-self._kv_tracked[0], -self._kv_tracked[1])
             self._kv_tracked = (0, 0)
+        if self._unreachable:  # a close would wait out another retry budget for nothing
+            log.warning("event=close_skipped session=%s reason=unreachable", self.session_id)
+            return None
+        started = time.perf_counter()
         try:
             return self.manager.close_session(pb.CloseSessionRequest(session_id=self.session_id))
-        except _LOST_MANAGER as error:
+        except ManagerError as error:
+            if _fallback_reason(error) is None:
+                raise
             # The session expires with its TTL; the generation itself is complete.
             log.warning("event=close_failed session=%s error=%r", self.session_id, str(error))
             return None
+        finally:
+            self.stats.manager_seconds += time.perf_counter() - started
