@@ -8,7 +8,6 @@ sees the state as stored, and what it returns is written only if nobody wrote in
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -19,6 +18,7 @@ from kvevict.cache_manager.decision import DecisionStats, decide
 from kvevict.cache_manager.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from kvevict.cache_manager.policies import make_base
 from kvevict.cache_manager.registry import describe_policies
+from kvevict.cache_manager.request_digest import report_digest
 from kvevict.cache_manager.settings import SessionSettings, settings_from_request
 from kvevict.cache_manager.state import SessionState, Transition
 from kvevict.cache_manager.validation import MAX_POSITION, validate_report
@@ -46,9 +46,9 @@ def require(state: SessionState | None, session_id: str, owner: str = "") -> Ses
 
 
 def request_digest(request: pb.ReportBlockRequest) -> str:
-    """SHA-256 of the report as sent (deterministic serialization): a retried sequence number
-    must repeat its request byte for byte."""
-    return hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+    """The digest of a report (kvevict.cache_manager.request_digest): a retried sequence number
+    must repeat its request."""
+    return report_digest(request)
 
 
 def open_session(request: pb.OpenSessionRequest, session_id: str, owner: str = "",
@@ -148,7 +148,7 @@ class ReportStep:
         self.digest = digest
         self.owner = owner
         self.max_state_bytes = max_state_bytes
-        self.request_digest = request_digest(request)  # once: the store may run the step again
+        self._digest: str | None = None  # computed once: the store may run the step again
         self.decision: DecisionStats | None = None
         self.digested: object = None
 
@@ -159,7 +159,9 @@ class ReportStep:
         request = self.request
         sequence = request.sequence
         if sequence == state.last_sequence and state.last_response:
-            if state.last_request_digest and state.last_request_digest != self.request_digest:
+            if self._digest is None:
+                self._digest = report_digest(request)
+            if state.last_request_digest and state.last_request_digest != self._digest:
                 raise FailedPrecondition("sequence: this sequence number was already decided for another request")
             # A retry: the stored answer, nothing recomputed, nothing changed.
             return Transition(pb.ReportBlockResponse.FromString(state.last_response), None)
@@ -170,10 +172,12 @@ class ReportStep:
             raise Aborted("sequence: out of order (each report's follows the last decided one, or repeats it to retry)")
         started = time.perf_counter()
         report = validate_report(request, state)
+        if self._digest is None:  # from the bytes validation read, not read again
+            self._digest = report_digest(request, report.buffers)
         response, next_state, decision = decide(state, report, sequence)
         if self.max_state_bytes:
             check_state_bytes(next_state.array_bytes, self.max_state_bytes, "layers")
-        next_state = next_state.evolve(last_request_digest=self.request_digest)
+        next_state = next_state.evolve(last_request_digest=self._digest)
         self.decision = replace(decision, seconds=time.perf_counter() - started)
         if self.digest is not None:
             self.digested = self.digest(self.decision)

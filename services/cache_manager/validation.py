@@ -60,6 +60,9 @@ class ValidatedReport:
     # True when the bulk check passed: besides finite, non-negative statistics hold no -0.0, so
     # scores built from them order like their bit patterns (kvevict.cache_manager.selection).
     bulk: bool = True
+    # The bulk path's raw bytes, statistic by statistic, layer by layer (`buffers[k][layer]`),
+    # for the request digest: protobuf copies a bytes field on each access. None: not kept.
+    buffers: tuple[tuple[bytes, ...], ...] | None = None
 
     @cached_property
     def values(self) -> dict[StatisticRequirement, np.ndarray]:
@@ -100,8 +103,9 @@ def validate_report(request: pb.ReportBlockRequest, state: SessionState) -> Vali
     layout = Layout(settings.geometry.num_kv_heads, tuple(n + len(positions) - d for n, d in zip(tracked, dropped)))
     checked = _bulk(request, state, layout)
     if checked is not None:
-        decoded, raw = checked
-        return ValidatedReport(request.phase, positions, layout, decoded=decoded, raw=raw, dropped=dropped)
+        decoded, raw, buffers = checked
+        return ValidatedReport(request.phase, positions, layout, decoded=decoded, raw=raw, dropped=dropped,
+                               buffers=buffers)
     # The exact path: raises the first offending field's error, or decodes what the bulk check
     # left to it (a -0.0).
     statistics = [
@@ -112,10 +116,11 @@ def validate_report(request: pb.ReportBlockRequest, state: SessionState) -> Vali
 
 
 def _bulk(request: pb.ReportBlockRequest, state: SessionState, layout: Layout
-          ) -> tuple[dict[StatisticRequirement, np.ndarray] | None, dict[StatisticRequirement, kernels.Statistic] | None] | None:
+          ) -> tuple[dict[StatisticRequirement, np.ndarray] | None, dict[StatisticRequirement, kernels.Statistic] | None,
+                     tuple[tuple[bytes, ...], ...]] | None:
     """Every statistic decoded for all layers at once (or, with the kernels, checked where it
-    lies: the raw data), or None where the exact path must decide (anything malformed or any
-    value the bulk check does not accept)."""
+    lies: the raw data), with the raw bytes read; or None where the exact path must decide
+    (anything malformed or any value the bulk check does not accept)."""
     settings = state.settings
     requirements = settings.statistics
     dtypes = [req.wire_dtype(settings.statistics_dtype) for req in requirements]
@@ -144,14 +149,14 @@ def _bulk(request: pb.ReportBlockRequest, state: SessionState, layout: Layout
             if not statistic.check(requirement.non_negative):
                 return None
             raw[requirement] = statistic
-        return None, raw
+        return None, raw, tuple(statistic.buffers for statistic in raw.values())
     values = {}
     for k, requirement in enumerate(requirements):
         decoded = decode_statistic(b"".join(data[k]), dtypes[k], requirement.non_negative)
         if decoded is None:
             return None
         values[requirement] = decoded
-    return values, None
+    return values, None, tuple(tuple(d) for d in data)
 
 
 def _dropped(tracked: np.ndarray, new: np.ndarray, window: int) -> int:
