@@ -49,7 +49,7 @@ from grpc_health.v1 import health_pb2
 
 from kvevict import wire
 from kvevict.cache_manager.errors import Aborted, InvalidArgument, ManagerError, NotFound, ResourceExhausted
-from kvevict.logs import log_event
+from kvevict.logs import RateLimitedLog, log_event
 from kvevict.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, server_options
 from kvevict.grpc_server import ServiceHealth, bind
 from kvevict.request_decoding import RequestDecodingInterceptor
@@ -250,6 +250,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                  metrics: WorkerMetrics | None = None) -> None:
         self.config = config
         self.authenticator = config.security.authenticator
+        # A client can make every call fail: its rejections must not flood the log.
+        self._rejections = RateLimitedLog(log)
         self.manager = manager
         self.scheduler = scheduler
         self.metrics = metrics
@@ -522,7 +524,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                      outcome: str | None = None):
         self._settle(job, method, outcome or _CODE_OUTCOMES.get(code, "error"))
         if code != grpc.StatusCode.INTERNAL:
-            log_event(log, logging.INFO, f"{method}.rejected", request=job.request_id, code=code.name, error=details)
+            self._rejections.event(logging.INFO, f"{method}.rejected", request=job.request_id, code=code.name,
+                                   error=details)
         await context.abort(code, details)
 
 
