@@ -11,16 +11,23 @@ redis-server processes on free ports with their files in a temporary directory.
 Nothing is persisted (`--save ""`, no AOF): a node restarted after a kill comes back empty
 and resynchronises from the master that replaced it. A short `--cluster-node-timeout` makes
 a failover take about two seconds.
+
+`python -m tests.redis_cluster` times a report's state write with and without a replication
+wait, on one Redis with a replica and on a local cluster (main(); quoted in docs/REDIS.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -281,3 +288,132 @@ def local_cluster(masters: int = 3, replicas: int = 1, node_timeout_ms: int = NO
             yield cluster
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# --- what a replication wait costs: python -m tests.redis_cluster [--updates N] ------------------
+
+
+def _bench_state(layers: int, kv_heads: int, tokens: int):
+    """An H2O session state holding `tokens` per KV head in every layer (positions + accumulators)."""
+    import numpy as np
+
+    from kvevict.cache_manager.transitions import open_session
+    from tests.test_manager_support import open_request
+
+    request = open_request("h2o", budget=tokens, num_layers=layers, num_kv_heads=kv_heads, num_query_heads=4 * kv_heads)
+    state = open_session(request, "bench")[1]
+    positions = [np.tile(np.arange(tokens, dtype=np.int32), (kv_heads, 1)) for _ in range(layers)]
+    accumulators = [np.ones((kv_heads, tokens), np.float32) for _ in range(layers)]
+    return state.evolve(positions=positions, accumulators=accumulators, last_position=tokens - 1)
+
+
+def _time_updates(url: str, state, updates: int, wait_replicas: int) -> list[float]:
+    """Seconds of Redis time (the store's observer: the decision step excluded) of each update
+    of one session whose states the store has cached, as a sticky manager replica sees them."""
+    from kvevict.cache_manager.redis_store import RedisStateStore
+    from kvevict.cache_manager.state import Transition
+
+    async def scenario() -> list[float]:
+        store = RedisStateStore.from_url(url, wait_replicas=wait_replicas, wait_timeout_ms=1000)
+        await store.create(state)
+        seconds: list[float] = []
+        store.observer = lambda operation, spent, failed: seconds.append(spent) if operation == "update" else None
+        for _ in range(updates):
+            await store.update(state.session_id, lambda stored: Transition(None, stored.evolve(
+                last_sequence=stored.last_sequence + 1)))
+        await store.delete(state.session_id)
+        await store.close()
+        return seconds
+
+    return asyncio.run(scenario())
+
+
+# The compare-and-set with the value as a script argument (what _SWAP avoids), for comparison.
+_CAS_THROUGH_LUA = """
+if redis.call('GETRANGE', KEYS[1], 0, 7) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+def _time_writes(port: int, data: bytes, times: int) -> dict[str, tuple[float, float]]:
+    """(median seconds at the client, microseconds of Redis's thread per write) of storing
+    `data` by a plain SET, by the store's staged SET + swap, and by a CAS script taking the value."""
+    import redis
+
+    from kvevict.cache_manager import redis_store
+
+    def plain(client, version: bytes, value: bytes) -> None:
+        client.set("bench:{s}:state", value, ex=60)
+
+    def staged(client, version: bytes, value: bytes) -> None:
+        pipe = client.pipeline(transaction=False)
+        pipe.set("bench:{s}:staged", value, ex=60)
+        pipe.eval(redis_store._SWAP, 2, "bench:{s}:state", "bench:{s}:staged", version, value[:8], 60)
+        assert pipe.execute()[1] == 1
+
+    def through_lua(client, version: bytes, value: bytes) -> None:
+        assert client.eval(_CAS_THROUGH_LUA, 1, "bench:{s}:state", version, value, 60) == 1
+
+    spent = {}
+    with redis.Redis(port=port, socket_timeout=60) as client:
+        for name, write in (("SET", plain), ("staged SET + swap script (the store)", staged),
+                            ("CAS script taking the value", through_lua)):
+            client.set("bench:{s}:state", data)
+            client.config_resetstat()
+            seconds = []
+            for _ in range(times):
+                version = client.getrange("bench:{s}:state", 0, redis_store.VERSION_BYTES - 1)
+                value = os.urandom(redis_store.VERSION_BYTES) + data[redis_store.VERSION_BYTES:]
+                started = time.perf_counter()
+                write(client, version, value)
+                seconds.append(time.perf_counter() - started)
+            stats = client.info("commandstats")
+            busy = sum(stats[f"cmdstat_{c}"]["usec"] for c in ("set", "eval") if f"cmdstat_{c}" in stats)
+            spent[name] = (statistics.median(seconds), busy / times)
+        client.delete("bench:{s}:state")
+    return spent
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Prints the Redis time of a report's state write with and without `WAIT 1`, on one Redis
+    with one replica and on a local cluster, for a small and a Llama-3.1-8B-sized H2O state."""
+    import argparse
+
+    from tests.servers import RedisServer
+
+    parser = argparse.ArgumentParser(prog="python -m tests.redis_cluster", description=main.__doc__)
+    parser.add_argument("--updates", type=int, default=200, help="updates timed per row (a tenth for the large state)")
+    args = parser.parse_args(argv)
+    states = {"small (3 layers x 2 heads x 128 tokens)": _bench_state(3, 2, 128),
+              "Llama-3.1-8B, 4K tokens (32 x 8 x 4096)": _bench_state(32, 8, 4096)}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="kvevict-bench-") as tmp:
+        with RedisServer(Path(tmp) / "master") as master, RedisServer(Path(tmp) / "replica") as replica:
+            with replica.client() as client:
+                client.replicaof("127.0.0.1", master.port)
+                wait_until(lambda: client.info("replication")["master_link_status"] == "up", 10, what="the replica")
+            targets = {"one Redis + 1 replica": master.url.replace("/0", "")}
+            writes = _time_writes(master.port, states["Llama-3.1-8B, 4K tokens (32 x 8 x 4096)"].to_bytes(), 20)
+            with local_cluster() as cluster:
+                targets["cluster, 3 masters x 1 replica"] = cluster.url
+                for target, url in targets.items():
+                    for size, state in states.items():
+                        updates = args.updates if size.startswith("small") else max(5, args.updates // 10)
+                        for wait in (0, 1):
+                            seconds = sorted(_time_updates(url, state, updates, wait))
+                            rows.append((target, size, len(state.to_bytes()), wait, updates,
+                                         statistics.median(seconds), seconds[int(0.9 * (len(seconds) - 1))]))
+    print(f"{'store':32} {'state':42} {'bytes':>10} {'WAIT':>4} {'n':>4} {'p50 ms':>8} {'p90 ms':>8}")
+    for target, size, nbytes, wait, n, p50, p90 in rows:
+        print(f"{target:32} {size:42} {nbytes:>10} {wait:>4} {n:>4} {p50 * 1e3:>8.3f} {p90 * 1e3:>8.3f}")
+    print("\nstoring the 8B state on one Redis (median of 20 at the client; mean of Redis's own time per write):")
+    for name, (seconds, busy_us) in writes.items():
+        print(f"  {name:40} {seconds * 1e3:8.2f} ms   Redis busy {busy_us / 1e3:7.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

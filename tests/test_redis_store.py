@@ -68,6 +68,8 @@ def test_a_write_between_read_and_commit_makes_the_step_run_again(redis_server, 
     answer, stored, seen, conflicts, cache = run(scenario())
     assert seen == [0, 1] and conflicts == 1  # ran on the old state, lost, ran on the new one
     assert stored.to_bytes() == competitor.state.to_bytes()  # the loser wrote nothing
+    with redis_server.client() as client:
+        assert client.keys("*staged*") == []  # nor left its staged value behind
     if mine == "the same request":
         assert answer.SerializeToString() == competitor.result.SerializeToString()  # the stored decision
         # Its own state came from the cache; the competitor's was read once, then served from the cache.
@@ -121,6 +123,30 @@ def test_the_session_limit_is_shared_by_replicas_and_freed_by_close_and_expiry(r
         assert await one.count() == 2
         await one.close()
         await two.close()
+
+    run(scenario())
+
+
+def test_a_resent_write_is_stored_once_and_a_stale_one_not_at_all(redis_server) -> None:
+    """What a client resending a write after a lost reply does: the swap finds its own version
+    stored and answers "written"; a write prepared on an old version is refused. Neither leaves
+    its staged value behind."""
+    first, second = two_reports("s1")
+
+    async def scenario():
+        store = RedisStateStore.from_url(redis_server.url, ttl_s=100)
+        await store.create(new_state())
+        with redis_server.client() as client:
+            seen = client.getrange(store.key("s1"), 0, 7)
+            mine = report_step(first)(new_state()).state
+            data = store.encode(mine)
+            assert await store._write(store.key("s1"), seen, data, mine)
+            assert await store._write(store.key("s1"), seen, data, mine)  # the same pipeline again
+            stale = report_step(second)(new_state()).state
+            assert not await store._write(store.key("s1"), seen, store.encode(stale), stale)
+            assert client.get(store.key("s1")) == data and 99 <= client.ttl(store.key("s1")) <= 100
+            assert client.keys("*staged*") == []
+        await store.close()
 
     run(scenario())
 
@@ -284,6 +310,28 @@ def test_redis_down_is_store_unavailable(redis_server) -> None:
         await store.ping()
         with pytest.raises(NotFound):
             await store.update("s1", report_step(first))
+        await store.close()
+
+    run(scenario())
+
+
+def test_a_refused_write_is_unavailable_and_its_message_names_no_key_or_state(redis_server) -> None:
+    """Redis refusing writes (here: no replica for min-replicas-to-write) fails the write;
+    the error says why without the command a pipeline would quote (the key, the state's bytes)."""
+    first, _ = two_reports("s1")
+
+    async def scenario():
+        store = RedisStateStore.from_url(redis_server.url)
+        await store.create(new_state("secret-id"))
+        with redis_server.client() as client:
+            client.config_set("min-replicas-to-write", 1)
+            for call in (store.update("secret-id", report_step(first)), store.create(new_state("other-id")),
+                         store.delete("secret-id")):
+                with pytest.raises(StoreUnavailable, match="NOREPLICAS") as refused:
+                    await call
+                assert "-id" not in str(refused.value) and "kvevict:" not in str(refused.value)
+            client.config_set("min-replicas-to-write", 0)
+        assert (await store.get("secret-id")).last_sequence == 0  # nothing was written, nor deleted
         await store.close()
 
     run(scenario())
