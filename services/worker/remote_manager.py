@@ -39,6 +39,8 @@ from kvevict.v1 import cache_manager_pb2_grpc as pb_grpc
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 AUTH_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+# No attempt starts with less of the budget left (it could not even connect).
+MIN_ATTEMPT_S = 0.01
 
 
 class ManagerUnavailable(ManagerError):
@@ -113,7 +115,7 @@ class RemoteManagerClient:
         while True:
             attempt_started = time.monotonic()
             try:
-                return method(request, timeout=max(min(self.timeout_s, deadline - attempt_started), 1e-3),
+                return method(request, timeout=min(self.timeout_s, deadline - attempt_started),
                               metadata=self._metadata, wait_for_ready=True)
             except grpc.RpcError as error:
                 code, details = error.code(), error.details() or ""
@@ -125,16 +127,21 @@ class RemoteManagerClient:
                 ceiling = min(self.max_backoff_s, self.backoff_s * 2.0**min(attempt, 60))
                 wake = attempt_started + random.uniform(0, ceiling)
                 now = time.monotonic()
-                if (self.retries is not None and attempt >= self.retries) or max(wake, now) >= deadline:
-                    raise ManagerUnavailable(
-                        f"manager at {self.address} unreachable for {now - started:.1f} s ({attempt + 1} tries, "
-                        f"retry budget {self.retry_budget_s:g} s): {code.name}: {details}") from error
+                if (self.retries is not None and attempt >= self.retries) or max(wake, now) > deadline - MIN_ATTEMPT_S:
+                    raise self._unavailable(now - started, attempt + 1, code, details) from error
                 self.retries_made += 1
                 if self._on_retry is not None:
                     self._on_retry()
                 if wake > now:
                     time.sleep(wake - now)
                 attempt += 1
+
+    def _unavailable(self, waited_s: float, tries: int, code: grpc.StatusCode, details: str) -> ManagerUnavailable:
+        # A call waiting for the channel ends DEADLINE_EXCEEDED whatever kept it from connecting.
+        hint = (" (no answer, or no connection: is the manager up at this address, with matching TLS?)"
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED else "")
+        return ManagerUnavailable(f"manager at {self.address} unreachable for {waited_s:.1f} s ({tries} tries, retry "
+                                  f"budget {self.retry_budget_s:g} s): {code.name}: {details}{hint}")
 
 
 def _domain_error(code: grpc.StatusCode, details: str) -> ManagerError:
