@@ -31,6 +31,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import redis
+
 from tests.servers import wait_until
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -78,9 +80,7 @@ class ClusterNode:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def client(self, **kwargs):
-        import redis
-
+    def client(self, **kwargs: object) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **kwargs)
 
     def start(self) -> None:
@@ -341,8 +341,6 @@ return 0
 def _time_writes(port: int, data: bytes, times: int) -> dict[str, tuple[float, float]]:
     """(median seconds at the client, microseconds of Redis's thread per write) of storing
     `data` by a plain SET, by the store's staged SET + swap, and by a CAS script taking the value."""
-    import redis
-
     from kvevict.cache_manager import redis_store
 
     def plain(client, version: bytes, value: bytes) -> None:

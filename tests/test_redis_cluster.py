@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kvevict.cache_manager.errors import ResourceExhausted, StoreUnavailable
-from kvevict.cache_manager.redis_store import RedisStateStore
+from kvevict.cache_manager.redis_store import RedisStateStore, session_key
 from kvevict.cache_manager.transitions import report_step
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.worker.cache_session import EvictionSettings
@@ -136,15 +136,22 @@ def test_wait_replicas_on_a_cluster_waits_for_the_sessions_own_replica(cluster: 
 
 
 class SessionRecordingClient(RemoteManagerClient):
-    """A RemoteManagerClient that remembers the ids of the sessions it opened."""
+    """A RemoteManagerClient that remembers the ids of the sessions it opened and when each
+    report was answered."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.session_ids: list[str] = []
+        self.answered: list[float] = []  # time.monotonic() of each answered report
 
     def open_session(self, request: pb.OpenSessionRequest) -> pb.OpenSessionResponse:
         response = super().open_session(request)
         self.session_ids.append(response.session_id)
+        return response
+
+    def report_block(self, request: pb.ReportBlockRequest) -> pb.ReportBlockResponse:
+        response = super().report_block(request)
+        self.answered.append(time.monotonic())
         return response
 
 
@@ -166,14 +173,16 @@ def test_a_generation_survives_the_loss_of_its_sessions_master(cluster: LocalClu
     expected = _generate(EmbeddedManagerClient(), base)
     manager = start_manager(cluster.url, "--redis-wait-replicas", "1", "--max-sessions", "8")
     client = SessionRecordingClient(manager.address, timeout_s=5, retries=60, backoff_s=0.25)
-    killed: list = []
+    tokens: list[int] = []
+    killed: list[float] = []  # when
     healer: list[threading.Thread] = []
 
-    def kill_its_master(token: int) -> None:
-        if len(killed) == 0 and len(client.session_ids) == 1 and len(tokens) == 12:
-            node = cluster.master_of(f"kvevict:{{{client.session_ids[0]}}}:state")
+    def on_token(token: int) -> None:
+        tokens.append(token)
+        if len(tokens) == 12:  # mid-generation: prefill and the first decode blocks are stored
+            node = cluster.master_of(session_key(client.session_ids[0]))
             cluster.kill(node)
-            killed.append((node, time.monotonic()))
+            killed.append(time.monotonic())
 
             def heal() -> None:  # what an orchestrator does: the node comes back, as a replica
                 cluster.wait_failover(node)
@@ -181,12 +190,6 @@ def test_a_generation_survives_the_loss_of_its_sessions_master(cluster: LocalClu
 
             healer.append(threading.Thread(target=heal, daemon=True))
             healer[0].start()
-
-    tokens: list[int] = []
-
-    def on_token(token: int) -> None:
-        tokens.append(token)
-        kill_its_master(token)
 
     try:
         result = _generate(client, base, on_token=on_token)
@@ -197,7 +200,9 @@ def test_a_generation_survives_the_loss_of_its_sessions_master(cluster: LocalClu
         manager.kill()
         cluster.wait_healthy()
     assert killed, "the master was never killed"
-    assert client.retries_made > 0  # the failover was noticed...
+    assert len(client.session_ids) == 1
+    assert sum(t > killed[0] for t in client.answered) >= 2  # reports went on after the kill...
+    assert client.retries_made > 0  # ...which was noticed...
     assert not result.summary.manager_fallback  # ...and the remote manager decided every block
     assert result.summary.reports == expected.summary.reports
     assert result.token_ids == expected.token_ids

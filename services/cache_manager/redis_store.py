@@ -89,6 +89,7 @@ log = logging.getLogger("kvevict.manager.redis")
 
 Client = Union[redis.Redis, RedisCluster]
 CLUSTER_SCHEMES = ("redis-cluster://", "rediss-cluster://")
+DEFAULT_PREFIX = "kvevict:"
 DEFAULT_TTL_S = 3600
 DEFAULT_TIMEOUT_S = 2.0
 DEFAULT_CACHE_BYTES = 256 * 2**20
@@ -174,6 +175,17 @@ def redact(url: str) -> str:
     if not at or ":" not in userinfo:
         return url
     return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hosts}"))
+
+
+def session_key(session_id: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """The key of a session's state, tagged by the session: `kvevict:{<id>}:state`."""
+    return f"{prefix}{{{session_id}}}:state"
+
+
+def owner_key(owner: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """The index of `owner`'s sessions, tagged by a digest (no identity in key names)."""
+    digest = hashlib.sha256(owner.encode()).hexdigest()[:32]
+    return f"{prefix}{{owner:{digest}}}:sessions"
 
 
 def cluster_client(url: str, **kwargs: Any) -> RedisCluster:
@@ -269,7 +281,7 @@ class RedisStateStore:
     """
 
     def __init__(self, client: Client, *, ttl_s: int = DEFAULT_TTL_S, max_sessions: int = 0,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, prefix: str = "kvevict:", max_sessions_per_owner: int = 0,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, prefix: str = DEFAULT_PREFIX, max_sessions_per_owner: int = 0,
                  wait_replicas: int = 0, wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS) -> None:
         if ttl_s <= 0:
             raise ValueError(f"session TTL must be > 0 s, got {ttl_s}")
@@ -316,12 +328,10 @@ class RedisStateStore:
         return cls(client, **options)
 
     def key(self, session_id: str) -> str:
-        return f"{self.prefix}{{{session_id}}}:state"
+        return session_key(session_id, self.prefix)
 
     def owner_key(self, owner: str) -> str:
-        """The index of `owner`'s sessions (tagged by a digest: no identity in key names)."""
-        digest = hashlib.sha256(owner.encode()).hexdigest()[:32]
-        return f"{self.prefix}{{owner:{digest}}}:sessions"
+        return owner_key(owner, self.prefix)
 
     @staticmethod
     def encode(state: SessionState) -> bytes:
