@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.servers: t
 
 from kvevict import wire  # noqa: E402
 from kvevict.cache_manager import InMemoryStateStore, ManagerCore  # noqa: E402
+from kvevict.cache_manager.redis_store import session_key  # noqa: E402
 from kvevict.policy_names import format_policy, parse_policies  # noqa: E402
 from kvevict.v1 import cache_manager_pb2 as pb  # noqa: E402
 from kvevict.v1 import tensor_pb2  # noqa: E402
@@ -88,7 +89,7 @@ def main() -> None:
             core = ManagerCore(InMemoryStateStore())
             targets = {"in process": (None, lambda sid: len(core.store.get(sid).to_bytes()))}
             channels = []
-            stored = lambda sid: client.strlen(f"kvevict:session:{sid}")  # noqa: E731
+            stored = lambda sid: client.strlen(session_key(sid))  # noqa: E731
             for name, manager, size in (("gRPC + memory://", memory, None), ("gRPC + Redis", remote, stored),
                                         ("gRPC + Redis, no cache", uncached, stored)):
                 ch = channel(manager.address)

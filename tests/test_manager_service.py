@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from kvevict.cache_manager import InMemoryStateStore, ManagerCore, SessionState
+from kvevict.cache_manager.redis_store import session_key
 from kvevict.cache_manager.transitions import policies_response
 from kvevict.v1 import cache_manager_pb2 as pb
 from tests.reflection_v1 import check_reflection_v1
@@ -189,7 +190,7 @@ def test_unknown_and_closed_sessions_are_not_found(replicas: Replicas) -> None:
     assert rpc_error(a.ReportBlock, report).code() == grpc.StatusCode.NOT_FOUND
     assert rpc_error(b.CloseSession, pb.CloseSessionRequest(session_id=session.id)).code() == grpc.StatusCode.NOT_FOUND
     with replicas.redis.client() as redis:
-        assert not redis.exists(f"kvevict:session:{session.id}")
+        assert not redis.exists(session_key(session.id))
         assert redis.zscore("kvevict:sessions", session.id) is None
 
 
@@ -205,7 +206,7 @@ def test_reports_over_grpcs_default_4_mib_pass(replicas: Replicas) -> None:
 
 def test_every_write_refreshes_the_session_ttl_in_redis(replicas: Replicas) -> None:
     session = remote_session(replicas.stubs, open_request("h2o", budget=12))
-    key = f"kvevict:session:{session.id}"
+    key = session_key(session.id)
     with replicas.redis.client() as redis:
         assert 3590 < redis.ttl(key) <= 3600  # the default TTL
         redis.expire(key, 100)

@@ -73,7 +73,9 @@ def test_worker_manager_redis_yields_exactly_the_tokens_of_embedded_mode(redis_s
     print(f"\nworker -> manager -> redis: {summary.reports} reports, "
           f"{summary.manager_seconds / summary.reports * 1e3:.2f} ms per ReportBlock round trip on average, "
           f"{summary.report_bytes / summary.reports / 1024:.1f} KiB per report")
-    assert redis_server.client().keys("kvevict:session:*") == []  # closed sessions leave nothing behind
+    client = redis_server.client()
+    assert client.keys("kvevict:{*}:state*") == []  # closed sessions leave nothing behind
+    assert client.zcard("kvevict:sessions") == 0
 
 
 def test_a_generation_survives_a_manager_restart_with_its_state_in_redis(redis_server, reference):

@@ -121,6 +121,8 @@ def make_store(config: ServerConfig) -> AsyncStateStore:
         options["max_sessions_per_owner"] = config.max_sessions_per_client
     if config.redis_wait_replicas:
         options["wait_replicas"] = config.redis_wait_replicas
+        # Half the command timeout: a stalled replica fails the write, not the connection.
+        options["wait_timeout_ms"] = max(1, int(config.redis_timeout_s * 500))
     return RedisStateStore.from_url(config.redis_url, timeout_s=config.redis_timeout_s,
                                     ttl_s=config.session_ttl_s, max_sessions=config.max_sessions,
                                     cache_bytes=config.state_cache_bytes, **options)

@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from kvevict import defaults, wire
+from kvevict.logs import session_ref
 from kvevict.cache_manager.errors import InvalidArgument, ManagerError, NotFound, ResourceExhausted
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
@@ -29,6 +30,7 @@ from kvevict.worker.statistics import Requirement, StatisticsCollector, to_wire
 if TYPE_CHECKING:
     from kvevict.worker.metrics import WorkerMetrics
 
+# Sessions are named by session_ref in logs: an id is the key to its session.
 log = logging.getLogger(__name__)
 
 
@@ -445,14 +447,14 @@ class CacheSession:
         try:
             manager.close_session(pb.CloseSessionRequest(session_id=session_id))
         except ManagerError as error:
-            log.warning("event=close_failed session=%s error=%r", session_id, str(error))
+            log.warning("event=close_failed session_ref=%s error=%r", session_ref(session_id), str(error))
 
     def _note_fallback(self, error: Exception, reason: str) -> None:
         # Logged once per session: every later report of the session stays in-process.
         self.stats.manager_fallback = True
         if self.metrics is not None:
             self.metrics.fell_back()
-        log.warning("event=manager_fallback session=%s reason=%s error=%r", getattr(self, "session_id", None),
+        log.warning("event=manager_fallback session_ref=%s reason=%s error=%r", session_ref(getattr(self, "session_id", "")),
                     reason, str(error))
 
     @property
@@ -476,7 +478,7 @@ class CacheSession:
             self.metrics.kv_cache_changed(-self._kv_tracked[0], -self._kv_tracked[1])
             self._kv_tracked = (0, 0)
         if self._unreachable:  # a close would wait out another retry budget for nothing
-            log.warning("event=close_skipped session=%s reason=unreachable", self.session_id)
+            log.warning("event=close_skipped session_ref=%s reason=unreachable", session_ref(self.session_id))
             return None
         started = time.perf_counter()
         try:
@@ -485,7 +487,7 @@ class CacheSession:
             if _fallback_reason(error) is None:
                 raise
             # The session expires with its TTL; the generation itself is complete.
-            log.warning("event=close_failed session=%s error=%r", self.session_id, str(error))
+            log.warning("event=close_failed session_ref=%s error=%r", session_ref(self.session_id), str(error))
             return None
         finally:
             self.stats.manager_seconds += time.perf_counter() - started

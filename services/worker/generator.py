@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -103,6 +103,8 @@ class EvictingGenerator:
             raise
         if not keep_session:
             session.close()
+            # CloseSession is a manager call too: the summary's manager time includes it.
+            summary = replace(summary, manager_seconds=session.stats.manager_seconds)
         return GenerationResult(token_ids=generated, summary=summary, step_logits=kept_logits,
                                 session=session if keep_session else None)
 
