@@ -12,7 +12,7 @@ from kvevict.cli_options import add_eviction_flags, add_runtime_flags, add_sampl
 # Each service adds its own commands (`manager serve`, `worker serve`, `client ...`): an
 # `add_commands(subparsers)` that registers parsers with `set_defaults(run=callable(args) -> int)`.
 SERVICE_COMMANDS = ("kvevict.cache_manager.command", "kvevict.worker.command", "kvevict.worker.models_command",
-                    "kvevict.evaluation.eval_command")
+                    "kvevict.evaluation.eval_command", "kvevict.profile_command")
 
 
 def main(argv: list[str] | None = None) -> int:
