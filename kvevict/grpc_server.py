@@ -77,6 +77,18 @@ def reflection_v1_file() -> FileDescriptor:
     return pool.AddSerializedFile(proto.SerializeToString())
 
 
+# gRPC refuses a status whose details pass its metadata limit (16 KiB), and the client then gets
+# RESOURCE_EXHAUSTED "Stream removed" instead: a message echoing a huge field must be cut short.
+MAX_DETAILS_CHARS = 1024
+
+
+def status_details(text: str) -> str:
+    """`text` cut to MAX_DETAILS_CHARS (what an error message may echo of a request is bounded)."""
+    if len(text) <= MAX_DETAILS_CHARS:
+        return text
+    return text[: MAX_DETAILS_CHARS - 30] + f"... ({len(text)} characters)"
+
+
 def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
     """Listens on host:port (0 = a free port), over TLS with `credentials`; returns the port or
     raises OSError."""

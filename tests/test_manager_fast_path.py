@@ -113,6 +113,16 @@ def test_random_reports_decide_as_the_reference(base: str, wrapper: str, allocat
     assert evictions > 0
 
 
+@pytest.mark.parametrize("base", ["h2o", "snapkv", "tova"])
+def test_caches_shorter_than_their_protected_tokens_decide_as_the_reference(base: str) -> None:
+    """First reports of fewer tokens than sink 2 + recent 5, under budgets that depend on the
+    scores (the totals pass once sized its output by a negative width and failed), then
+    enough to evict."""
+    session = start(open_request(base, "caote", 16, sink=2, recent=5, allocator="adaptive", **OPTIONS.get(base, {}),
+                                 num_layers=3, num_kv_heads=2, num_query_heads=4), seed=9)
+    assert drive(session, [1, 1, 4, 30, 8, 1, 8]) > 0
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("base,wrapper,allocator", [
     ("h2o", "caote", "uniform"), ("h2o", "caote", "adaptive"), ("snapkv", "caote", "adaptive"),

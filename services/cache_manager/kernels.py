@@ -975,7 +975,7 @@ if numba is not None:
             row = layer * heads
             _key_rows(KEYS_CAOTE, deviation_addresses[layer], deviation_kind, heads, n, rows[:heads * n], deviation,
                       keys[:heads * n], sums[row:row + heads], spread[row:row + heads])
-            width = n - sink - recent
+            width = max(n - sink - recent, 0)  # a layer shorter than its protected tokens has none
             total = totals[at:at + width]
             for j in range(width):
                 total[j] = 0.0
@@ -1330,7 +1330,7 @@ def totals(scoring: Scoring, score: Statistic, deviation: Statistic, heads: int,
     """Each row's float64 sum and guard, and every layer's estimated totals (see _totals)."""
     accumulate = scoring.source == SOURCE_ACCUMULATED
     sums, spread = np.empty(lengths.size * heads, np.float64), np.empty(lengths.size * heads, np.bool_)
-    out = np.empty(int(np.sum(lengths - sink - recent)), np.float32)
+    out = np.empty(int(np.sum(np.maximum(lengths - sink - recent, 0))), np.float32)
     _totals(scoring.source, score.kind, scoring.kernel, deviation.kind, accumulate, heads, lengths, score.addresses,
             deviation.addresses, tracked, offsets_of(tracked, heads),
             _readonly(previous_accumulators if accumulate else np.zeros(1, np.float32), np.float32), sink, recent,

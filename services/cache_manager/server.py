@@ -41,7 +41,7 @@ from kvevict.cache_manager.metrics import ManagerMetrics
 from kvevict.cache_manager.service import AsyncManagerCore
 from kvevict.cache_manager.state import AsyncInMemoryStateStore, AsyncStateStore, InMemoryStateStore
 from kvevict.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, server_options
-from kvevict.grpc_server import ServiceHealth, bind
+from kvevict.grpc_server import ServiceHealth, bind, status_details
 from kvevict.request_decoding import RequestDecodingInterceptor
 from kvevict.security_options import ServerSecurity
 from kvevict.metrics import DISABLED_PORT, MetricsServer, check_metrics_port
@@ -171,9 +171,10 @@ class CacheManagerServicer(pb_grpc.CacheManagerServiceServicer):
             response = await handler(request, owner)
         except ManagerError as error:
             code = status_code(error)
+            details = status_details(str(error))
             self._refusals.event(logging.WARNING if code == grpc.StatusCode.UNAVAILABLE else logging.INFO,
-                                 "rpc.error", method=method, code=code.name, session_ref=ref, error=str(error))
-            await context.abort(code, str(error))
+                                 "rpc.error", method=method, code=code.name, session_ref=ref, error=details)
+            await context.abort(code, details)
         except Exception:
             log.exception("%s", f"event=rpc.internal method={method}")
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")

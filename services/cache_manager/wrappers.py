@@ -287,7 +287,7 @@ def caote_ranking(layout: Layout, exact: Callable[[int], np.ndarray], keys: np.n
     fast = spread.reshape(len(layout.lengths), layout.heads).all(axis=-1).tolist()
     if totals is not None:
         every, sink, recent = totals
-        widths = np.asarray(layout.lengths) - sink - recent
+        widths = np.maximum(np.asarray(layout.lengths) - sink - recent, 0)  # as kernels.totals lays them out
         starts = np.concatenate([[0], np.cumsum(widths)])
 
         def given(competing: Sequence[bool], asked_sink: int, asked_recent: int) -> np.ndarray:

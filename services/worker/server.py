@@ -51,7 +51,7 @@ from kvevict import wire
 from kvevict.cache_manager.errors import Aborted, InvalidArgument, ManagerError, NotFound, ResourceExhausted
 from kvevict.logs import RateLimitedLog, log_event
 from kvevict.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, server_options
-from kvevict.grpc_server import ServiceHealth, bind
+from kvevict.grpc_server import ServiceHealth, bind, status_details
 from kvevict.request_decoding import RequestDecodingInterceptor
 from kvevict.security_options import ClientSecurity, ServerSecurity
 from kvevict.metrics import DISABLED_PORT, MetricsServer, check_metrics_port
@@ -523,6 +523,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def _abort(self, context, job: _Job, method: str, code: grpc.StatusCode, details: str,
                      outcome: str | None = None):
         self._settle(job, method, outcome or _CODE_OUTCOMES.get(code, "error"))
+        details = status_details(details)
         if code != grpc.StatusCode.INTERNAL:
             self._rejections.event(logging.INFO, f"{method}.rejected", request=job.request_id, code=code.name,
                                    error=details)
