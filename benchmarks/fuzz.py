@@ -1242,17 +1242,41 @@ def kinds_table(tally: Tally) -> str:
     return markdown(["case", "cases"], sorted(tally.kinds.items(), key=lambda kv: -kv[1]))
 
 
+def _pattern(details: str) -> str:
+    """Details with names and numbers blanked, so that one bug's failures group together."""
+    details = re.sub(r"'[^']*'?", "'…'", details)
+    return re.sub(r"\d+", "N", details)[:90]
+
+
 def failures_text(failures: list[Failure], path: Path) -> str:
+    """The failures grouped by RPC, rule and status, each group with one request that shows it."""
     if not failures:
         return "No failures."
-    lines = [f"{len(failures)} failures (cases in {path}; rerun: `.venv/bin/python benchmarks/fuzz.py "
-             f"--replay {path}`):", ""]
-    for failure in failures[:40]:
-        lines.append(f"- {failure.describe()}")
-        if failure.step is not None:
-            step = failure.case.steps[failure.step]
-            lines.append(f"  request: `{step.request_text(200)}`")
-    return "\n".join(lines)
+    groups: dict[tuple, list[Failure]] = defaultdict(list)
+    for failure in failures:
+        method = "" if failure.step is None else failure.case.steps[failure.step].method
+        groups[(method, failure.reason, failure.code, _pattern(failure.details))].append(failure)
+    rows = []
+    for (method, reason, code, details), members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        example = members[0]
+        request = "" if example.step is None else example.case.steps[example.step].request_text(160)
+        rows.append([method or "(servers)", reason, f"{code} {details}".strip(), len(members),
+                     f"{example.case.kind}: `{request}`".replace("|", "\\|")])
+    return "\n\n".join([
+        f"{len(failures)} failures. Every failing case is in `{path}`; `.venv/bin/python benchmarks/fuzz.py --replay "
+        f"{path}` sends them again to fresh servers.",
+        markdown(["RPC", "rule broken", "status seen", "failures", "example (case: request)"], rows)])
+
+
+def log_errors(processes: dict[str, ServerProcess]) -> str:
+    """Lines the servers logged at level=error or with a traceback, counted by event: a failure
+    a call's status can hide (a background task, a log flood)."""
+    rows = []
+    for name, process in processes.items():
+        events = Counter(re.search(r"\bevent=(\S+)", line).group(1) if "event=" in line else line[:80]
+                         for line in process.lines(r"level=error|Traceback"))
+        rows += [[name, event, count] for event, count in events.most_common()]
+    return markdown(["server", "event", "lines"], rows) if rows else "None."
 
 
 def run_benchmark(requests: int, seed: int, failures_path: Path, batch_size: int = 10) -> tuple[str, int]:
@@ -1275,6 +1299,7 @@ def run_benchmark(requests: int, seed: int, failures_path: Path, batch_size: int
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         companion.stop()
         cpu_used = meter.stop() if not servers.health() else {}  # a process that died has no CPU to read
+        logged = log_errors({"manager": servers.manager, "worker": servers.worker})
         for mismatch in companion.mismatches:
             tally.failures.append(Failure(Case("generation alongside"), None, mismatch))
     failures_path.write_text(json.dumps([{**f.case.to_json(), "failed_step": f.step, "reason": f.reason,
@@ -1290,6 +1315,7 @@ def run_benchmark(requests: int, seed: int, failures_path: Path, batch_size: int
         "### Status per RPC (latency: wall time of one call)", counts_table(tally),
         "### Cases", kinds_table(tally),
         "### CPU time", times,
+        "### Errors in the servers' logs", logged,
         "### Failures", failures_text(tally.failures, failures_path),
     ])
     return report, len(tally.failures)

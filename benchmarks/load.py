@@ -408,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         args.shape, args.seconds, args.budget, args.block, args.prefill = "tiny", 2.0, 64, 16, 64
         args.max_new_tokens = 2
     settings = LoadSettings(args.sessions, args.seconds, args.shape, args.policy, args.budget, args.block, args.prefill)
-    command = "benchmarks/load.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    given = list(argv if argv is not None else sys.argv[1:])
+    if "--out" in given:  # where the report goes is not how it was measured
+        del given[given.index("--out"):given.index("--out") + 2]
+    command = "benchmarks/load.py " + " ".join(given)
     parts = [f"## Load: `.venv/bin/python {command.strip()}`", f"{load_line()} at the start."]
     failed = False
     if "managers" not in args.skip:

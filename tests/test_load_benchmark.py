@@ -12,6 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import NO_REDIS
+from tests.servers import REDIS_SERVER
+
+pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason=NO_REDIS)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 from benchmarks import fuzz
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import worker_pb2
-from tests.conftest import _require_redis
+from tests.conftest import NO_REDIS
+from tests.servers import REDIS_SERVER
 
 SEED = int(os.environ.get("KVEVICT_FUZZ_SEED", "0"))
 SCALE = float(os.environ.get("KVEVICT_FUZZ_SCALE", "1"))
@@ -47,7 +48,8 @@ def fuzz_settings(examples: int):
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    _require_redis()
+    if REDIS_SERVER is None:
+        pytest.skip(NO_REDIS)
     with fuzz.Servers.started(tmp_path_factory.mktemp("fuzz")) as started:
         yield started
 
