@@ -62,7 +62,7 @@ from benchmarks.service_load import CpuMeter  # noqa: E402
 from kvevict import wire  # noqa: E402
 from kvevict.v1 import cache_manager_pb2 as pb  # noqa: E402
 from kvevict.v1 import tensor_pb2, worker_pb2  # noqa: E402
-from tests.servers import RedisServer, ServerProcess, channel, free_port, start_manager  # noqa: E402
+from tests.servers import RedisServer, ServerProcess, channel, start_manager  # noqa: E402
 
 # -- what is allowed ----------------------------------------------------------------------------
 
