@@ -77,16 +77,20 @@ def reflection_v1_file() -> FileDescriptor:
     return pool.AddSerializedFile(proto.SerializeToString())
 
 
-# gRPC refuses a status whose details pass its metadata limit (16 KiB), and the client then gets
+# gRPC drops a status whose details pass its metadata limits (8 KiB soft, 16 KiB hard; the
+# details travel percent-encoded, up to 3 characters a byte), and the client then gets
 # RESOURCE_EXHAUSTED "Stream removed" instead: a message echoing a huge field must be cut short.
-MAX_DETAILS_CHARS = 1024
+MAX_DETAILS_BYTES = 1024
 
 
 def status_details(text: str) -> str:
-    """`text` cut to MAX_DETAILS_CHARS (what an error message may echo of a request is bounded)."""
-    if len(text) <= MAX_DETAILS_CHARS:
+    """`text` cut to at most MAX_DETAILS_BYTES of UTF-8 (what an error message may echo of a
+    request is bounded, whatever its characters)."""
+    encoded = text.encode("utf-8", errors="replace")
+    if len(encoded) <= MAX_DETAILS_BYTES:
         return text
-    return text[: MAX_DETAILS_CHARS - 30] + f"... ({len(text)} characters)"
+    suffix = f"... ({len(text)} characters)"
+    return encoded[: MAX_DETAILS_BYTES - len(suffix)].decode("utf-8", errors="ignore") + suffix
 
 
 def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
