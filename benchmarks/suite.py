@@ -28,7 +28,7 @@ import torch
 
 from kvevict.evaluation.ruler import make_records
 from kvevict.evaluation.ruler_records import read_prompts, write_prompts
-from kvevict.evaluation.suite_grid import BASES, FULL, HEADLINE, KEPT, Job, kvevict_jobs, shard
+from kvevict.evaluation.suite_grid import BASES, FULL, HEADLINE, KEPT, RECONSTRUCT_CHUNK, Job, kvevict_jobs, shard
 from kvevict.evaluation.suite_jobs import configured_jobs, pending, per_record, run_jobs
 from kvevict.evaluation.suite_plots import plot_suite
 from kvevict.evaluation.suite_processes import grid_processes, load_model_tokenizer, run_processes
@@ -47,7 +47,8 @@ def planned_jobs(args: argparse.Namespace, prompts: list[dict]) -> list[tuple[Jo
         per_prompt = kvevict_jobs(tuple(args.kept))
     else:
         per_prompt = configured_jobs(args.methods, args.allocators, args.protocols, args.kept, args.sink,
-                                     full_cache=not args.skip_full_cache, lookahead=args.lookahead)
+                                     full_cache=not args.skip_full_cache, lookahead=args.lookahead,
+                                     reconstruct=args.reconstruct, reconstruct_pool=args.reconstruct_pool)
     return shard(per_record(per_prompt, prompts), *args.shard)
 
 
@@ -131,6 +132,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     runner.add_argument("--lookahead", type=int, default=0,
                         help="decode this many pseudo tokens before each prefill decision and observe with their "
                              "queries (rows named '<method> (lookahead N)')")
+    runner.add_argument("--reconstruct", type=int, nargs="?", const=RECONSTRUCT_CHUNK, default=0, metavar="CHUNK",
+                        help="before each prefill decision, forward KVzip's repeat prompt and the last CHUNK "
+                             f"context tokens (default {RECONSTRUCT_CHUNK}: all of them here) on the cache and observe "
+                             "with their queries (rows named '<method> (reconstruct)')")
+    runner.add_argument("--reconstruct-pool", default="max", choices=("max", "sum"),
+                        help="how the reconstruction's queries pool into attention scores: max as KVzip, or sum "
+                             "as a window ('(reconstruct sum)' rows)")
     runner.add_argument("--grid", action="store_true",
                         help="the grid's plan (kvevict.evaluation.suite_grid) instead of --methods/--protocols")
     runner.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
@@ -173,6 +181,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.command == "run":
         for method in args.methods:
             parse_policy(method, "--methods")  # a bad spelling fails before the model loads
+        if args.reconstruct < 0:
+            parser.error(f"--reconstruct: a number of context tokens >= 1, got {args.reconstruct}")
         if args.sink is not None and args.sink < 0:
             parser.error(f"--sink: a number of tokens >= 0, got {args.sink}")
         if any(not 0 < k <= 1 for k in args.kept):

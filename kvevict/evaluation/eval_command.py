@@ -73,6 +73,14 @@ def add_commands(subparsers) -> None:
                         metavar="PROTOCOL", help="how the context is evicted before the question: %(choices)s "
                                                  "(kvevict/evaluation/suite_runner.py; default: question_agnostic)")
     parser.add_argument("--block-size", type=int, default=128, help="prefill block (default: %(default)s)")
+    # const: suite_grid.RECONSTRUCT_CHUNK (not imported here: it loads torch before --help).
+    parser.add_argument("--reconstruct", type=int, nargs="?", const=2048, default=0, metavar="CHUNK",
+                        help="before each prefill decision, forward KVzip's repeat prompt and the last CHUNK (default "
+                             "2048) context tokens on the cache and observe with their queries (window policies; "
+                             "rows named '<policy> (reconstruct)')")
+    parser.add_argument("--reconstruct-pool", default="max", choices=("max", "sum"),
+                        help="how the reconstruction's queries pool into attention scores (default: %(default)s, "
+                             "KVzip's)")
     parser.add_argument("--skip-full-cache", action="store_true",
                         help="no full-cache rows (the tables then have no tasks to average)")
     parser.add_argument("--limit", type=int, default=None, help="the first N records only")
@@ -144,7 +152,9 @@ def planned(args: argparse.Namespace) -> list[Job]:
         if skipped:
             print(f"eval: --allocators {allocator} needs wrapper {' or '.join(wrappers)}: not run for "
                   f"{', '.join(skipped)}", file=sys.stderr)
-        jobs += configured_jobs(runnable, [allocator], protocols, kept, full_cache=False)
+        jobs += configured_jobs(runnable, [allocator], protocols, kept, full_cache=False,
+                                reconstruct=getattr(args, "reconstruct", 0),
+                                reconstruct_pool=getattr(args, "reconstruct_pool", "max"))
     if not jobs:
         raise ValueError("nothing to measure: no policy runs under --allocators "
                          f"{' '.join(args.allocators)}, and --skip-full-cache drops the full cache")
@@ -154,6 +164,8 @@ def planned(args: argparse.Namespace) -> list[Job]:
 def _check_numbers(args: argparse.Namespace) -> None:
     if any(not 0 < k < 1 for k in args.kept):
         raise ValueError(f"--kept: fractions of the context in (0, 1), got {args.kept} (1 is the full cache's row)")
+    if getattr(args, "reconstruct", 0) < 0:
+        raise ValueError(f"--reconstruct: a number of context tokens >= 1, got {args.reconstruct}")
     for flag, value in (("--block-size", args.block_size), ("--max-new-tokens", args.max_new_tokens),
                         ("--limit", args.limit), ("--threads", args.threads)):
         if value is not None and value < 1:

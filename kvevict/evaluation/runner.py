@@ -25,6 +25,7 @@ from kvevict.policy_names import format_policy
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.worker.cache_session import CacheSession, EvictionSettings
 from kvevict.worker.manager_client import EmbeddedManagerClient, ManagerClient
+from kvevict.worker.observers import RepeatPrompt
 from kvevict.worker.scoring import score_tokens
 
 # A budget no prompt reaches: the cache is never evicted (the full-cache reference).
@@ -42,6 +43,12 @@ class EvictionConfig:
     recent: int | None = None
     label: str = ""
     lookahead: int = 0  # pseudo tokens whose queries observe each prefill decision (0: none)
+    # Context reconstruction (EvictionSettings.reconstruct): the chunk of context tokens repeated
+    # before each prefill decision (0: none), how its queries pool, and the repeat prompt's ids
+    # (the tokenizer's: kvevict.evaluation.suite_jobs.measure fills it in when None).
+    reconstruct: int = 0
+    reconstruct_pool: str = "max"
+    repeat_prompt: RepeatPrompt | None = None
 
     @property
     def name(self) -> str:
@@ -56,7 +63,8 @@ class EvictionConfig:
         if self.recent is not None:
             policy.recent_tokens = self.recent
         return EvictionSettings(policy=policy, budget=pb.BudgetSpec(tokens=budget, allocator=self.allocator),
-                                block_size=block_size, lookahead=self.lookahead)
+                                block_size=block_size, lookahead=self.lookahead, reconstruct=self.reconstruct,
+                                reconstruct_pool=self.reconstruct_pool, repeat_prompt=self.repeat_prompt)
 
 
 FULL_CACHE = EvictionConfig(base=defaults.FULL_CACHE_BASE, label="full cache")

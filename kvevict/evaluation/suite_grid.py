@@ -20,6 +20,8 @@ from kvevict.evaluation.runner import EvictionConfig
 from kvevict.policy_names import format_policy, parse_policy
 
 KEPT = (0.1, 0.2, 0.35, 0.5)
+# Context tokens a reconstruction repeats at most (KVzip's chunk: the suite's 1k contexts whole).
+RECONSTRUCT_CHUNK = 2048
 BASES = ("h2o", "tova", "tova-mean", "snapkv", "keydiff", "streaming", "random")
 WRAPPERS = ("none", "caote", "fastcaote")
 # The three best configurations of the question-agnostic suite before this grid (n=15, 20% and
@@ -65,16 +67,25 @@ class Job:
     kept: float
 
 
-def method_name(method: str, allocator: str, sink: int | None = None, lookahead: int = 0) -> str:
+def method_name(method: str, allocator: str, sink: int | None = None, lookahead: int = 0, reconstruct: int = 0,
+                reconstruct_pool: str = "max") -> str:
+    """The row's method: the policy spelling, then what runs beside it in parentheses (the
+    reconstruction's chunk and pool only where they are not the defaults)."""
     name = method if allocator == "uniform" else f"{method} ({allocator})"
     name = name if sink is None else f"{name} (sink {sink})"
-    return name if not lookahead else f"{name} (lookahead {lookahead})"
+    name = name if not lookahead else f"{name} (lookahead {lookahead})"
+    if reconstruct:
+        detail = "".join([f" {reconstruct}" if reconstruct != RECONSTRUCT_CHUNK else "",
+                          f" {reconstruct_pool}" if reconstruct_pool != "max" else ""])
+        name = f"{name} (reconstruct{detail})"
+    return name
 
 
-def method_config(method: str, allocator: str = "uniform", sink: int | None = None,
-                  lookahead: int = 0) -> EvictionConfig:
+def method_config(method: str, allocator: str = "uniform", sink: int | None = None, lookahead: int = 0,
+                  reconstruct: int = 0, reconstruct_pool: str = "max") -> EvictionConfig:
     base, wrapper = parse_policy(method, "--methods")
-    return EvictionConfig(base=base, wrapper=wrapper, allocator=allocator, sink=sink, lookahead=lookahead)
+    return EvictionConfig(base=base, wrapper=wrapper, allocator=allocator, sink=sink, lookahead=lookahead,
+                          reconstruct=reconstruct, reconstruct_pool=reconstruct_pool)
 
 
 def kvevict_jobs(kept: tuple[float, ...] = KEPT) -> list[Job]:

@@ -10,6 +10,7 @@ appended one by one, so a run cut short keeps what it measured and a rerun skips
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from kvevict.evaluation.suite_grid import Job, method_config, method_name
 from kvevict.evaluation.suite_metric import score
 from kvevict.evaluation.suite_report import FULL_CACHE, SuiteRow, append_rows
 from kvevict.evaluation.suite_runner import answer_prompt
+from kvevict.worker.observers import RepeatPrompt
 
 SYSTEM = "kvevict"
 
@@ -28,11 +30,12 @@ DoneKey = tuple[str, str, str, float, str]  # (system, method, protocol, kept fr
 
 def configured_jobs(methods: Sequence[str], allocators: Sequence[str], protocols: Sequence[str],
                     kept: Sequence[float], sink: int | None = None, full_cache: bool = True,
-                    lookahead: int = 0) -> list[Job]:
+                    lookahead: int = 0, reconstruct: int = 0, reconstruct_pool: str = "max") -> list[Job]:
     """One record's jobs: the full cache first (unless `full_cache` is False), then every method
     (policy spelling) under every allocator, protocol and kept fraction."""
     jobs = [Job(FULL_CACHE, None, "question_agnostic", 1.0)] if full_cache else []
-    jobs += [Job(method_name(m, a, sink, lookahead), method_config(m, a, sink, lookahead), protocol, fraction)
+    jobs += [Job(method_name(m, a, sink, lookahead, reconstruct, reconstruct_pool),
+                 method_config(m, a, sink, lookahead, reconstruct, reconstruct_pool), protocol, fraction)
              for m in methods for a in allocators for protocol in protocols for fraction in kept]
     return jobs
 
@@ -49,7 +52,11 @@ def pending(pairs: Sequence[tuple[Job, dict]], done: set[DoneKey]) -> list[tuple
 
 def measure(model: torch.nn.Module, tokenizer, job: Job, record: dict, block_size: int = 128) -> SuiteRow:
     """The results row of one job on one record."""
-    answer = answer_prompt(model, tokenizer, record, job.config, job.kept, job.protocol, block_size)
+    config = job.config
+    if config is not None and config.reconstruct and config.repeat_prompt is None:
+        # The raw-text prompt, as the suite's prompts are raw text (and as kvpress's KVzip ran on them).
+        config = replace(config, repeat_prompt=RepeatPrompt.from_tokenizer(tokenizer))
+    answer = answer_prompt(model, tokenizer, record, config, job.kept, job.protocol, block_size)
     return SuiteRow(SYSTEM, job.method, job.protocol, job.kept, record["id"], record["task"], record["length"],
                     score(answer.prediction, record["answers"], record["metric"]), answer.prediction, answer.seconds)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -23,7 +23,8 @@ from kvevict.worker.attention import COLLECTOR_KWARG
 from kvevict.worker.kv_cache import PrunableCache
 from kvevict.worker.manager_client import EmbeddedManagerClient, ManagerClient
 from kvevict.worker.model_loader import geometry_of
-from kvevict.worker.observers import CAPTURE_KWARG, ObserverQueries, QueryCapture
+from kvevict.worker.observers import (CAPTURE_KWARG, POOLS, LayerQueries, ObserverQueries, QueryCapture,
+                                     RepeatPrompt)
 from kvevict.worker.remote_manager import ManagerUnavailable
 from kvevict.worker.statistics import Requirement, StatisticsCollector, to_wire
 
@@ -79,6 +80,29 @@ class EvictionSettings:
     # many pseudo tokens greedily on the current cache, take their queries as the observation
     # window of the window statistics, then discard them (their keys and values included).
     lookahead: int = 0
+    # Context reconstruction (KVzip's queries): before each prefill decision, forward
+    # `repeat_prompt` then the last `reconstruct` tokens fed so far (all of them when fewer: a
+    # chunk bounds the quadratic cost; KVzip's is 2048) on the current cache, observe with every
+    # repeated token's query (pooled by `reconstruct_pool`: "max" as KVzip scores, or "sum"), then
+    # discard the speculative tokens, keys and values included: only the cache's own entries are
+    # scored, and the observers' probabilities are renormalized over them. 0: off.
+    reconstruct: int = 0
+    reconstruct_pool: str = "max"
+    repeat_prompt: RepeatPrompt | None = None
+
+
+def _causal_logsumexp(observed: LayerQueries, keys: torch.Tensor, lead: int) -> torch.Tensor:
+    """Per observer (Hkv, g, m): log-sum-exp of its logits over the speculative forward's keys
+    (Hkv, lead + m, d) it could see (its own and those before it; within its sliding window)."""
+    scores = torch.einsum("hgqd,hkd->hgqk", observed.queries, keys) * observed.scaling
+    if observed.softcap is not None:
+        scores = observed.softcap * torch.tanh(scores / observed.softcap)
+    query_index = torch.arange(lead, keys.shape[1], device=keys.device)[:, None]
+    key_index = torch.arange(keys.shape[1], device=keys.device)[None, :]
+    visible = key_index <= query_index
+    if observed.window:
+        visible &= key_index > query_index - observed.window
+    return torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
 
 
 @dataclass
@@ -112,6 +136,12 @@ class CacheSession:
                  hf_cache: DynamicCache | None = None, decisions: Executor | None = None) -> None:
         """`decisions`: where a pipelined session's reports are decided (default: a thread of
         its own; an executor that runs them at once gives the same lagged protocol, in order)."""
+        if settings.reconstruct < 0:
+            raise ValueError(f"reconstruct: a number of context tokens >= 0, got {settings.reconstruct}")
+        if settings.reconstruct and settings.repeat_prompt is None:
+            raise ValueError("reconstruct needs a repeat_prompt (RepeatPrompt.from_tokenizer)")
+        if settings.reconstruct_pool not in POOLS:
+            raise ValueError(f"reconstruct_pool must be one of {', '.join(POOLS)}, got {settings.reconstruct_pool!r}")
         self.model = model
         self.manager = manager
         self.settings = settings
@@ -152,6 +182,7 @@ class CacheSession:
         self._evicting = True
         self._last_logits: torch.Tensor | None = None  # of the last forward's last position
         self._question_in_context: tuple[list[int], int] | None = None  # observe_question_in_context
+        self._fed_ids: list[int] = []  # every token forwarded by prefill/decode: what a reconstruction repeats
         self._unreachable = False  # a call spent its retry budget and the session did not fall back
 
     def _open(self) -> pb.OpenSessionResponse:
@@ -258,6 +289,7 @@ class CacheSession:
     def _forward(self, token_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """One forward of new tokens; logits (q or 1, vocab) of every or only the last position."""
         positions = self.begin_forward(token_ids.numel())
+        self._fed_ids.extend(token_ids.flatten().tolist())
         # Absolute position ids: after eviction the cache length is not the position (RoPE).
         output = self.model(
             input_ids=token_ids.to(self.device)[None, :],
@@ -324,6 +356,35 @@ class CacheSession:
             cache.restore(saved)
         return ObserverQueries(capture)
 
+    @torch.inference_mode()
+    def _reconstruction_queries(self) -> ObserverQueries:
+        """The queries of the context fed so far (its last `settings.reconstruct` tokens) repeated
+        after KVzip's repeat prompt, forwarded on the cache at the positions after it; the cache is
+        left as it was (its tensors are only ever replaced)."""
+        context = self._fed_ids
+        if len(context) != self._next_position:
+            raise ValueError("context reconstruction repeats the tokens CacheSession forwarded itself; "
+                             f"{self._next_position - len(context)} were fed around it (EvictingCache)")
+        start = max(0, len(context) - self.settings.reconstruct)
+        lead = self.settings.repeat_prompt.request(context, start)
+        tokens = lead + context[start:]
+        positions = torch.arange(self._next_position, self._next_position + len(tokens), device=self.device)
+        capture = QueryCapture(positions[len(lead):], skip=len(lead))  # the prompt's own queries do not observe
+        saved = self.cache.checkpoint()
+        try:
+            self.cache.append_positions(positions)
+            self.model(input_ids=torch.tensor([tokens], device=self.device), position_ids=positions[None],
+                       past_key_values=self.cache.hf_cache, use_cache=True, logits_to_keep=1,
+                       **{CAPTURE_KWARG: capture})
+            for layer, observed in capture.layers.items():
+                # The speculative keys are no candidates, but their share of each query's attention
+                # stays out of the cached tokens' (KVzip's score: no renormalization over the cache).
+                spec_keys = self.cache.keys_values(layer)[0][0, :, -len(tokens):].float()
+                capture.layers[layer] = replace(observed, excluded=_causal_logsumexp(observed, spec_keys, len(lead)))
+        finally:
+            self.cache.restore(saved)
+        return ObserverQueries(capture, every_query=True, pool=self.settings.reconstruct_pool)
+
     def stop_evicting(self) -> None:
         """No more reports: what is cached stays, what comes is appended (e.g. a question read
         after its context was evicted, as kvpress's protocol does). A pipelined decision still
@@ -345,15 +406,21 @@ class CacheSession:
         over_budget = any(self.cache.length(layer) - unseen[layer] > budget
                           for layer, budget in enumerate(self.layer_budgets))
         if self._evicting and (self.report_every_block or over_budget):
-            lookahead = phase == pb.PHASE_PREFILL and self.collector.observers is None and (
+            standing = self.collector.observers  # observe_queries_of's, if any: they stay
+            lookahead = phase == pb.PHASE_PREFILL and standing is None and (
                 self.settings.lookahead or self._question_in_context is not None)
+            reconstruct = phase == pb.PHASE_PREFILL and self.settings.reconstruct > 0
             if lookahead:
                 self.collector.observers = self._lookahead_queries(self.settings.lookahead, self._question_in_context)
+            if reconstruct:  # beside the question's or lookahead's queries, if any
+                queries = self._reconstruction_queries()
+                self.collector.observers = queries if self.collector.observers is None else queries.joined(
+                    self.collector.observers)
             try:
                 request = self._build_report(phase, unseen)
             finally:
-                if lookahead:
-                    self.collector.observers = None
+                if lookahead or reconstruct:
+                    self.collector.observers = standing
             self._pending_positions.clear()
             if self._decisions is None:
                 self._apply(self._decide(request, self._cached_positions(request)), unseen)
