@@ -27,8 +27,8 @@ into Lua (an 8 MB script argument costs its one thread ~20 ms; the SET and the r
 entries' expiries move, only for entries that exist: a session deleted meanwhile is not
 brought back. If another replica wrote the session in between, the swap refuses and the step
 runs again on the new state (`conflicts`; Aborted after MAX_ATTEMPTS): so exactly one
-decision per sequence number is stored, and the loser of a race on a retried sequence number
-answers the winner's decision.
+decision per sequence number is stored, and the loser of a race on one sequence number answers
+the winner's decision if it sent the same request, else FAILED_PRECONDITION (the stored digest).
 
 Creating a session touches three slots, so it is a sequence of single-slot scripts: reserve the
 id in the global index (prune, check `max_sessions`, add), then in the owner's, then SET the
