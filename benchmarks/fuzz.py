@@ -827,17 +827,20 @@ def session_call_mutated(draw, method: str) -> Case:
 
 
 @st.composite
-def generate_generated(draw, vocab: int) -> Case:
-    builder = CaseBuilder("Generate from the descriptor")
-    builder.add("Generate", draw(messages(worker_pb2.GenerateRequest)))
+def worker_generated(draw, method: str, vocab: int) -> Case:
+    """One Generate or Score request generated field by field from its descriptor."""
+    builder = CaseBuilder(f"{method} from the descriptor")
+    builder.add(method, draw(messages(RPCS[method].request)))
     return builder.case
 
 
 @st.composite
-def generate_mutated(draw, vocab: int) -> Case:
-    builder = CaseBuilder("Generate, one field changed")
-    request, what = draw(mutated(draw(valid_generates(vocab))))
-    builder.add("Generate", request, what=what)
+def worker_mutated(draw, method: str, vocab: int) -> Case:
+    """A valid Generate or Score request with one field changed."""
+    builder = CaseBuilder(f"{method}, one field changed")
+    valid = valid_generates(vocab) if method == "Generate" else valid_scores(vocab)
+    request, what = draw(mutated(draw(valid)))
+    builder.add(method, request, what=what)
     return builder.case
 
 
@@ -857,21 +860,6 @@ def conversation_mutated(draw, vocab: int) -> Case:
     request, what = draw(mutated(draw(valid_generates(vocab, continuing=True))))
     builder.add("Generate", request, what=what)
     builder.add("Generate", worker_pb2.GenerateRequest(conversation_id=CONVERSATION, end_conversation=True), "teardown")
-    return builder.case
-
-
-@st.composite
-def score_generated(draw, vocab: int) -> Case:
-    builder = CaseBuilder("Score from the descriptor")
-    builder.add("Score", draw(messages(worker_pb2.ScoreRequest)))
-    return builder.case
-
-
-@st.composite
-def score_mutated(draw, vocab: int) -> Case:
-    builder = CaseBuilder("Score, one field changed")
-    request, what = draw(mutated(draw(valid_scores(vocab))))
-    builder.add("Score", request, what=what)
     return builder.case
 
 
@@ -924,15 +912,15 @@ KINDS: dict[str, Callable[[int], st.SearchStrategy[Case]]] = {
     "generated:CloseSession": lambda vocab: session_call_generated("CloseSession"),
     "generated:GetSession": lambda vocab: session_call_generated("GetSession"),
     "generated:ListPolicies": lambda vocab: session_call_generated("ListPolicies"),
-    "generated:Generate": generate_generated,
-    "generated:Score": score_generated,
+    "generated:Generate": lambda vocab: worker_generated("Generate", vocab),
+    "generated:Score": lambda vocab: worker_generated("Score", vocab),
     "mutated:OpenSession": lambda vocab: open_mutated(),
     "mutated:ReportBlock": lambda vocab: report_mutated(),
     "mutated:CloseSession": lambda vocab: session_call_mutated("CloseSession"),
     "mutated:GetSession": lambda vocab: session_call_mutated("GetSession"),
-    "mutated:Generate": generate_mutated,
+    "mutated:Generate": lambda vocab: worker_mutated("Generate", vocab),
     "mutated:Generate(conversation)": conversation_mutated,
-    "mutated:Score": score_mutated,
+    "mutated:Score": lambda vocab: worker_mutated("Score", vocab),
     **{f"raw:{method}": (lambda vocab, method=method: raw_case(method, vocab)) for method in RPCS},
 }
 # The benchmark's mix, in cases per round: changed fields reach the deepest checks, and the

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import redis
 
-from tests.servers import wait_until
+from tests.servers import redis_answers, wait_until
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
@@ -99,14 +99,7 @@ class ClusterNode:
         wait_until(self._answers, 10, what=f"redis-server on port {self.port}")
 
     def _answers(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {self.process.returncode}: "
-                               f"{(self.directory / 'redis.log').read_text()[-2000:]}")
-        try:
-            with self.client(socket_connect_timeout=0.2) as client:
-                return bool(client.ping())
-        except Exception:
-            return False
+        return redis_answers(self)
 
     def info(self, section: str) -> dict:
         with self.client() as client:

@@ -195,6 +195,19 @@ def start_managers(count: int, redis_url: str = "memory://", *extra: str, timeou
 REDIS_SERVER = shutil.which("redis-server")
 
 
+def redis_answers(server) -> bool:
+    """Whether a started redis-server (`process`, `directory` with its redis.log, `client()`)
+    answers a PING; RuntimeError with its log's tail if it exited."""
+    if server.process.poll() is not None:
+        raise RuntimeError(f"redis-server exited with {server.process.returncode}: "
+                           f"{(server.directory / 'redis.log').read_text()[-2000:]}")
+    try:
+        with server.client(socket_connect_timeout=0.2) as client:
+            return bool(client.ping())
+    except Exception:
+        return False
+
+
 class RedisServer:
     """A private redis-server on a free port with its files in `directory`.
 
@@ -234,14 +247,7 @@ class RedisServer:
         return self
 
     def _answers(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {self.process.returncode}: "
-                               f"{(self.directory / 'redis.log').read_text()[-2000:]}")
-        try:
-            with self.client(socket_connect_timeout=0.2) as client:
-                return bool(client.ping())
-        except Exception:
-            return False
+        return redis_answers(self)
 
     def save(self) -> None:
         """Writes a snapshot that the next start() loads."""
