@@ -25,7 +25,7 @@ from kvevict.worker.cache_session import EvictionSettings
 from kvevict.worker.generator import EvictingGenerator
 from kvevict.worker.manager_client import EmbeddedManagerClient
 from kvevict.worker.model_loader import geometry_of, model_from_config
-from kvevict.worker.remote_manager import ManagerAuthError, ManagerUnavailable, RemoteManagerClient
+from kvevict.worker.remote_manager import DOWN_OPEN_BUDGET_S, ManagerAuthError, ManagerUnavailable, RemoteManagerClient
 from kvevict.worker.server import _status_of
 from tests.servers import free_port, start_manager
 from tests.tiny_models import tiny_config
@@ -483,3 +483,36 @@ def test_a_report_the_manager_rejects_fails_open_with_a_warning(manager_process,
         _generate(CorruptReport(client, at=3), _settings("tova", fail_open=False))
     assert error.value.field == "phase"
     client.close()
+
+
+def test_after_a_spent_budget_new_sessions_fall_back_at_once_and_open_ones_keep_the_budget():
+    """An outage makes the first call wait its whole budget; new sessions then wait only
+    DOWN_OPEN_BUDGET_S (so every new request does not stall the full budget before falling
+    back), reports of open sessions still the whole budget (what rides out a restart), and
+    the first answered call after the manager's return ends it."""
+    port = free_port()
+    client = RemoteManagerClient(f"127.0.0.1:{port}", timeout_s=0.5, retry_budget_s=2.5)
+    request = pb.OpenSessionRequest(geometry=pb.ModelGeometry(num_layers=1, num_kv_heads=1, num_query_heads=1,
+                                                              head_dim=8),
+                                  policy=pb.PolicySpec(base="tova"), budget=pb.BudgetSpec(tokens=8), block_size=4)
+
+    def waited(call, message) -> float:
+        started = time.monotonic()
+        with pytest.raises(ManagerUnavailable):
+            call(message)
+        return time.monotonic() - started
+
+    try:
+        assert not client.unreachable
+        assert 2.3 <= waited(client.open_session, request) <= 3.5
+        assert client.unreachable
+        assert waited(client.open_session, request) <= DOWN_OPEN_BUDGET_S + 0.5
+        assert 2.3 <= waited(client.report_block, pb.ReportBlockRequest(session_id="0" * 32, sequence=1)) <= 3.5
+        manager = start_manager("memory://", "--port", str(port))
+        try:
+            opened = client.open_session(request)  # within the short wait or, once answered, as before
+            assert opened.session_id and not client.unreachable
+        finally:
+            manager.kill()
+    finally:
+        client.close()

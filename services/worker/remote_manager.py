@@ -12,7 +12,9 @@ failing while it reconnects, and the channel reconnects at most 0.6 s apart
 (kvevict.grpc_options), so a call resumes within a second of the manager's return.
 
 When the budget is spent the call raises `ManagerUnavailable`, which the cache session turns
-into fail-open. UNAUTHENTICATED and PERMISSION_DENIED raise `ManagerAuthError` at once: retrying
+into fail-open; until a call is answered again, a new session's OpenSession waits only
+DOWN_OPEN_BUDGET_S, so during an outage new requests fall back at once rather than each after
+the whole budget (reports of open sessions keep the whole budget). UNAUTHENTICATED and PERMISSION_DENIED raise `ManagerAuthError` at once: retrying
 cannot help, and deciding in-process would hide a misconfigured worker. Other status codes come
 back as the manager domain's errors, so embedded and remote sessions fail the same way.
 
@@ -39,6 +41,8 @@ from kvevict.v1 import cache_manager_pb2_grpc as pb_grpc
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 AUTH_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+# How long a new session waits for a manager the last call found unreachable (see open_session).
+DOWN_OPEN_BUDGET_S = 1.0
 # No attempt starts with less of the budget left (it could not even connect).
 MIN_ATTEMPT_S = 0.01
 
@@ -89,6 +93,8 @@ class RemoteManagerClient:
         self.max_backoff_s = max_backoff_s
         self.retry_budget_s = retry_budget_s
         self.retries_made = 0
+        # True from a call that spent its budget unreachable to the next answered one.
+        self.unreachable = False
         self._on_retry = on_retry
         self._metadata = None if token is None else (("authorization", f"Bearer {token}"),)
         options = channel_options(max_message_bytes)
@@ -97,7 +103,12 @@ class RemoteManagerClient:
         self._stub = pb_grpc.CacheManagerServiceStub(self._channel)
 
     def open_session(self, request: pb.OpenSessionRequest) -> pb.OpenSessionResponse:
-        return self._call(self._stub.OpenSession, request)
+        # A manager that just spent a whole budget unreachable is likely still down: a new
+        # session waits DOWN_OPEN_BUDGET_S (the channel reconnects within it once it is back)
+        # instead of stalling every new request the full budget before it falls back.
+        # Sessions already open keep the whole budget: that is what rides out a restart.
+        budget = min(self.retry_budget_s, DOWN_OPEN_BUDGET_S) if self.unreachable else None
+        return self._call(self._stub.OpenSession, request, budget)
 
     def report_block(self, request: pb.ReportBlockRequest) -> pb.ReportBlockResponse:
         return self._call(self._stub.ReportBlock, request)
@@ -108,17 +119,21 @@ class RemoteManagerClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method: Callable[..., Message], request: Message) -> Message:
+    def _call(self, method: Callable[..., Message], request: Message, budget_s: float | None = None) -> Message:
         started = time.monotonic()
-        deadline = started + self.retry_budget_s
+        deadline = started + (self.retry_budget_s if budget_s is None else budget_s)
         attempt = 0
         while True:
             attempt_started = time.monotonic()
             try:
-                return method(request, timeout=min(self.timeout_s, deadline - attempt_started),
-                              metadata=self._metadata, wait_for_ready=True)
+                response = method(request, timeout=min(self.timeout_s, deadline - attempt_started),
+                                  metadata=self._metadata, wait_for_ready=True)
+                self.unreachable = False
+                return response
             except grpc.RpcError as error:
                 code, details = error.code(), error.details() or ""
+                if code not in RETRYABLE:
+                    self.unreachable = False  # it answered, if only to refuse
                 if code in AUTH_CODES:
                     raise ManagerAuthError(self.address, code, details) from error
                 if code not in RETRYABLE:
@@ -128,6 +143,7 @@ class RemoteManagerClient:
                 wake = attempt_started + random.uniform(0, ceiling)
                 now = time.monotonic()
                 if (self.retries is not None and attempt >= self.retries) or max(wake, now) > deadline - MIN_ATTEMPT_S:
+                    self.unreachable = True
                     raise self._unavailable(now - started, attempt + 1, code, details) from error
                 self.retries_made += 1
                 if self._on_retry is not None:
