@@ -166,20 +166,21 @@ class CacheManagerServicer(pb_grpc.CacheManagerServiceServicer):
         except (Unauthenticated, PermissionDenied) as error:  # the interceptor refuses these first
             await context.abort(grpc.StatusCode.UNAUTHENTICATED if isinstance(error, Unauthenticated)
                                 else grpc.StatusCode.PERMISSION_DENIED, str(error))
-        ref = session_ref(getattr(request, "session_id", ""))
         try:
             response = await handler(request, owner)
         except ManagerError as error:
             code = status_code(error)
             details = status_details(str(error))
             self._refusals.event(logging.WARNING if code == grpc.StatusCode.UNAVAILABLE else logging.INFO,
-                                 "rpc.error", method=method, code=code.name, session_ref=ref, error=details)
+                                 "rpc.error", method=method, code=code.name,
+                                 session_ref=session_ref(getattr(request, "session_id", "")), error=details)
             await context.abort(code, details)
         except Exception:
             log.exception("%s", f"event=rpc.internal method={method}")
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
         if log.isEnabledFor(logging.DEBUG):
-            log_event(log, logging.DEBUG, "rpc.ok", method=method, session_ref=ref,
+            log_event(log, logging.DEBUG, "rpc.ok", method=method,
+                      session_ref=session_ref(getattr(request, "session_id", "")),
                       ms=f"{(time.perf_counter() - started) * 1e3:.2f}", request_bytes=request.ByteSize())
         return response
 
