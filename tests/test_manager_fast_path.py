@@ -19,7 +19,8 @@ from kvevict.cache_manager import InvalidArgument, kernels
 from kvevict.cache_manager.batch import decode_statistic
 from kvevict.cache_manager.budgets import ALLOCATORS
 from kvevict.cache_manager.policies import BASE_POLICIES
-from kvevict.cache_manager.transitions import report_step, request_digest
+from kvevict.cache_manager.request_digest import report_digest
+from kvevict.cache_manager.transitions import report_step
 from kvevict.cache_manager.wrappers import WRAPPERS
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
@@ -77,7 +78,7 @@ def assert_same_decision(session, request: pb.ReportBlockRequest) -> pb.ReportBl
     transition = step(stored)
     assert transition.result.SerializeToString() == expected.SerializeToString()
     # The product also stores the request's digest, for retries to be checked against.
-    assert transition.state.to_bytes() == expected_state.evolve(last_request_digest=request_digest(request)).to_bytes()
+    assert transition.state.to_bytes() == expected_state.evolve(last_request_digest=report_digest(request)).to_bytes()
     got_errors = step.decision.evicted_output_errors
     assert len(got_errors) == len(expected_errors)
     for got, want in zip(got_errors, expected_errors):

@@ -32,7 +32,6 @@ import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
-from kvevict.auth import PermissionDenied, Unauthenticated
 from kvevict.cache_manager.errors import (
     Aborted, FailedPrecondition, InvalidArgument, ManagerError, NotFound, ResourceExhausted, StoreUnavailable,
 )
@@ -161,11 +160,7 @@ class CacheManagerServicer(pb_grpc.CacheManagerServiceServicer):
 
     async def _call(self, method: str, handler: Callable[..., Awaitable[Message]], request: Message, context):
         started = time.perf_counter()
-        try:
-            owner = self.authenticator.identity(context)
-        except (Unauthenticated, PermissionDenied) as error:  # the interceptor refuses these first
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED if isinstance(error, Unauthenticated)
-                                else grpc.StatusCode.PERMISSION_DENIED, str(error))
+        owner = self.authenticator.identity(context)  # AuthInterceptor refused callers without one
         try:
             response = await handler(request, owner)
         except ManagerError as error:

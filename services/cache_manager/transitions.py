@@ -45,12 +45,6 @@ def require(state: SessionState | None, session_id: str, owner: str = "") -> Ses
     return state
 
 
-def request_digest(request: pb.ReportBlockRequest) -> str:
-    """The digest of a report (kvevict.cache_manager.request_digest): a retried sequence number
-    must repeat its request."""
-    return report_digest(request)
-
-
 def open_session(request: pb.OpenSessionRequest, session_id: str, owner: str = "",
                  max_state_bytes: int = 0) -> tuple[pb.OpenSessionResponse, SessionState]:
     """Validates an OpenSessionRequest and builds the new session's state and answer, owned by

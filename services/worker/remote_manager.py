@@ -34,6 +34,7 @@ from typing import Callable
 import grpc
 from google.protobuf.message import Message
 
+from kvevict.auth import token_metadata
 from kvevict.cache_manager.errors import Aborted, InvalidArgument, ManagerError, NotFound, ResourceExhausted
 from kvevict.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from kvevict.v1 import cache_manager_pb2 as pb
@@ -96,7 +97,7 @@ class RemoteManagerClient:
         # True from a call that spent its budget unreachable to the next answered one.
         self.unreachable = False
         self._on_retry = on_retry
-        self._metadata = None if token is None else (("authorization", f"Bearer {token}"),)
+        self._metadata = token_metadata(token) or None
         options = channel_options(max_message_bytes)
         self._channel = (grpc.insecure_channel(address, options=options) if credentials is None
                          else grpc.secure_channel(address, credentials, options=options))
