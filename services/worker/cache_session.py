@@ -14,8 +14,8 @@ import torch
 from transformers import DynamicCache
 
 from kvevict import defaults, wire
-from kvevict.logs import session_ref
 from kvevict.cache_manager.errors import InvalidArgument, ManagerError, NotFound, ResourceExhausted
+from kvevict.logs import session_ref
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
 from kvevict.worker import attention
@@ -85,7 +85,8 @@ class EvictionSettings:
     # chunk bounds the quadratic cost; KVzip's is 2048) on the current cache, observe with every
     # repeated token's query (pooled by `reconstruct_pool`: "max" as KVzip scores, or "sum"), then
     # discard the speculative tokens, keys and values included: only the cache's own entries are
-    # scored, and the observers' probabilities are renormalized over them. 0: off.
+    # scored, each by the share of a query's attention it got with the speculative keys still in
+    # the softmax (KVzip's score, no renormalization over the cache). 0: off.
     reconstruct: int = 0
     reconstruct_pool: str = "max"
     repeat_prompt: RepeatPrompt | None = None
@@ -521,8 +522,8 @@ class CacheSession:
         self.stats.manager_fallback = True
         if self.metrics is not None:
             self.metrics.fell_back()
-        log.warning("event=manager_fallback session_ref=%s reason=%s error=%r", session_ref(getattr(self, "session_id", "")),
-                    reason, str(error))
+        log.warning("event=manager_fallback session_ref=%s reason=%s error=%r",
+                    session_ref(getattr(self, "session_id", "")), reason, str(error))
 
     @property
     def closed(self) -> bool:
