@@ -92,12 +92,16 @@ class PolicySpec(_message.Message):
     def __init__(self, base: _Optional[str] = ..., wrapper: _Optional[str] = ..., sink_tokens: _Optional[int] = ..., recent_tokens: _Optional[int] = ..., window: _Optional[int] = ..., pool_kernel: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class BudgetSpec(_message.Message):
-    __slots__ = ("tokens", "allocator")
+    __slots__ = ("tokens", "allocator", "floor", "profile")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     ALLOCATOR_FIELD_NUMBER: _ClassVar[int]
+    FLOOR_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     tokens: int
     allocator: str
-    def __init__(self, tokens: _Optional[int] = ..., allocator: _Optional[str] = ...) -> None: ...
+    floor: float
+    profile: bytes
+    def __init__(self, tokens: _Optional[int] = ..., allocator: _Optional[str] = ..., floor: _Optional[float] = ..., profile: _Optional[bytes] = ...) -> None: ...
 
 class StatisticRequirement(_message.Message):
     __slots__ = ("statistic", "window", "reference", "pool_kernel", "dtype")
@@ -128,28 +132,34 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, geometry: _Optional[_Union[ModelGeometry, _Mapping]] = ..., policy: _Optional[_Union[PolicySpec, _Mapping]] = ..., budget: _Optional[_Union[BudgetSpec, _Mapping]] = ..., block_size: _Optional[int] = ..., statistics_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "statistics", "report_every_block", "layer_budgets", "statistics_dtype")
+    __slots__ = ("session_id", "statistics", "report_every_block", "layer_budgets", "statistics_dtype", "per_head_budgets", "head_budgets")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATISTICS_FIELD_NUMBER: _ClassVar[int]
     REPORT_EVERY_BLOCK_FIELD_NUMBER: _ClassVar[int]
     LAYER_BUDGETS_FIELD_NUMBER: _ClassVar[int]
     STATISTICS_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PER_HEAD_BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_BUDGETS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     statistics: _containers.RepeatedCompositeFieldContainer[StatisticRequirement]
     report_every_block: bool
     layer_budgets: _containers.RepeatedScalarFieldContainer[int]
     statistics_dtype: _tensor_pb2.DType
-    def __init__(self, session_id: _Optional[str] = ..., statistics: _Optional[_Iterable[_Union[StatisticRequirement, _Mapping]]] = ..., report_every_block: _Optional[bool] = ..., layer_budgets: _Optional[_Iterable[int]] = ..., statistics_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
+    per_head_budgets: bool
+    head_budgets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., statistics: _Optional[_Iterable[_Union[StatisticRequirement, _Mapping]]] = ..., report_every_block: _Optional[bool] = ..., layer_budgets: _Optional[_Iterable[int]] = ..., statistics_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., per_head_budgets: _Optional[bool] = ..., head_budgets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LayerStatistics(_message.Message):
-    __slots__ = ("layer", "cache_length", "values")
+    __slots__ = ("layer", "cache_length", "values", "head_lengths")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     CACHE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    HEAD_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     cache_length: int
     values: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
-    def __init__(self, layer: _Optional[int] = ..., cache_length: _Optional[int] = ..., values: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+    head_lengths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layer: _Optional[int] = ..., cache_length: _Optional[int] = ..., values: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., head_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReportBlockRequest(_message.Message):
     __slots__ = ("session_id", "sequence", "phase", "positions", "layers")
@@ -166,28 +176,34 @@ class ReportBlockRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., sequence: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., positions: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerStatistics, _Mapping]]] = ...) -> None: ...
 
 class LayerKeep(_message.Message):
-    __slots__ = ("layer", "cache_length", "kept_tokens", "keep")
+    __slots__ = ("layer", "cache_length", "kept_tokens", "keep", "head_lengths", "head_kept")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     CACHE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     KEPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
+    HEAD_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_KEPT_FIELD_NUMBER: _ClassVar[int]
     layer: int
     cache_length: int
     kept_tokens: int
     keep: _tensor_pb2.Tensor
-    def __init__(self, layer: _Optional[int] = ..., cache_length: _Optional[int] = ..., kept_tokens: _Optional[int] = ..., keep: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    head_lengths: _containers.RepeatedScalarFieldContainer[int]
+    head_kept: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layer: _Optional[int] = ..., cache_length: _Optional[int] = ..., kept_tokens: _Optional[int] = ..., keep: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., head_lengths: _Optional[_Iterable[int]] = ..., head_kept: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReportBlockResponse(_message.Message):
-    __slots__ = ("sequence", "keeps", "layer_budgets", "evicted_tokens")
+    __slots__ = ("sequence", "keeps", "layer_budgets", "evicted_tokens", "head_budgets")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     KEEPS_FIELD_NUMBER: _ClassVar[int]
     LAYER_BUDGETS_FIELD_NUMBER: _ClassVar[int]
     EVICTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_BUDGETS_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     keeps: _containers.RepeatedCompositeFieldContainer[LayerKeep]
     layer_budgets: _containers.RepeatedScalarFieldContainer[int]
     evicted_tokens: int
-    def __init__(self, sequence: _Optional[int] = ..., keeps: _Optional[_Iterable[_Union[LayerKeep, _Mapping]]] = ..., layer_budgets: _Optional[_Iterable[int]] = ..., evicted_tokens: _Optional[int] = ...) -> None: ...
+    head_budgets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, sequence: _Optional[int] = ..., keeps: _Optional[_Iterable[_Union[LayerKeep, _Mapping]]] = ..., layer_budgets: _Optional[_Iterable[int]] = ..., evicted_tokens: _Optional[int] = ..., head_budgets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -210,7 +226,7 @@ class GetSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class GetSessionResponse(_message.Message):
-    __slots__ = ("session_id", "geometry", "policy", "budget", "block_size", "reports", "last_sequence", "evicted_tokens", "layer_budgets", "cache_lengths")
+    __slots__ = ("session_id", "geometry", "policy", "budget", "block_size", "reports", "last_sequence", "evicted_tokens", "layer_budgets", "cache_lengths", "head_budgets", "head_cache_lengths")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +237,8 @@ class GetSessionResponse(_message.Message):
     EVICTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LAYER_BUDGETS_FIELD_NUMBER: _ClassVar[int]
     CACHE_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_CACHE_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     geometry: ModelGeometry
     policy: PolicySpec
@@ -231,7 +249,9 @@ class GetSessionResponse(_message.Message):
     evicted_tokens: int
     layer_budgets: _containers.RepeatedScalarFieldContainer[int]
     cache_lengths: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., geometry: _Optional[_Union[ModelGeometry, _Mapping]] = ..., policy: _Optional[_Union[PolicySpec, _Mapping]] = ..., budget: _Optional[_Union[BudgetSpec, _Mapping]] = ..., block_size: _Optional[int] = ..., reports: _Optional[int] = ..., last_sequence: _Optional[int] = ..., evicted_tokens: _Optional[int] = ..., layer_budgets: _Optional[_Iterable[int]] = ..., cache_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+    head_budgets: _containers.RepeatedScalarFieldContainer[int]
+    head_cache_lengths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., geometry: _Optional[_Union[ModelGeometry, _Mapping]] = ..., policy: _Optional[_Union[PolicySpec, _Mapping]] = ..., budget: _Optional[_Union[BudgetSpec, _Mapping]] = ..., block_size: _Optional[int] = ..., reports: _Optional[int] = ..., last_sequence: _Optional[int] = ..., evicted_tokens: _Optional[int] = ..., layer_budgets: _Optional[_Iterable[int]] = ..., cache_lengths: _Optional[_Iterable[int]] = ..., head_budgets: _Optional[_Iterable[int]] = ..., head_cache_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ListPoliciesRequest(_message.Message):
     __slots__ = ()
