@@ -85,7 +85,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatPrompt, _Mapping]] = ..., eviction: _Optional[_Union[EvictionOptions, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., keep_conversation: _Optional[bool] = ..., conversation_id: _Optional[str] = ..., end_conversation: _Optional[bool] = ...) -> None: ...
 
 class EvictionSummary(_message.Message):
-    __slots__ = ("prompt_tokens", "generated_tokens", "evicted_per_layer", "final_lengths", "layer_budgets", "kv_bytes", "full_cache_bytes", "peak_kv_bytes", "reports", "prefill_seconds", "decode_seconds", "manager_seconds", "manager_fallback", "peak_lengths", "report_bytes")
+    __slots__ = ("prompt_tokens", "generated_tokens", "evicted_per_layer", "final_lengths", "layer_budgets", "kv_bytes", "full_cache_bytes", "peak_kv_bytes", "reports", "prefill_seconds", "decode_seconds", "manager_seconds", "manager_fallback", "peak_lengths", "report_bytes", "final_head_lengths", "kept_kv_bytes")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EVICTED_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,8 @@ class EvictionSummary(_message.Message):
     MANAGER_FALLBACK_FIELD_NUMBER: _ClassVar[int]
     PEAK_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     REPORT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FINAL_HEAD_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     generated_tokens: int
     evicted_per_layer: _containers.RepeatedScalarFieldContainer[int]
@@ -116,7 +118,9 @@ class EvictionSummary(_message.Message):
     manager_fallback: bool
     peak_lengths: _containers.RepeatedScalarFieldContainer[int]
     report_bytes: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., evicted_per_layer: _Optional[_Iterable[int]] = ..., final_lengths: _Optional[_Iterable[int]] = ..., layer_budgets: _Optional[_Iterable[int]] = ..., kv_bytes: _Optional[int] = ..., full_cache_bytes: _Optional[int] = ..., peak_kv_bytes: _Optional[int] = ..., reports: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., manager_seconds: _Optional[float] = ..., manager_fallback: _Optional[bool] = ..., peak_lengths: _Optional[_Iterable[int]] = ..., report_bytes: _Optional[int] = ...) -> None: ...
+    final_head_lengths: _containers.RepeatedScalarFieldContainer[int]
+    kept_kv_bytes: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., evicted_per_layer: _Optional[_Iterable[int]] = ..., final_lengths: _Optional[_Iterable[int]] = ..., layer_budgets: _Optional[_Iterable[int]] = ..., kv_bytes: _Optional[int] = ..., full_cache_bytes: _Optional[int] = ..., peak_kv_bytes: _Optional[int] = ..., reports: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., manager_seconds: _Optional[float] = ..., manager_fallback: _Optional[bool] = ..., peak_lengths: _Optional[_Iterable[int]] = ..., report_bytes: _Optional[int] = ..., final_head_lengths: _Optional[_Iterable[int]] = ..., kept_kv_bytes: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "summary", "conversation_id")

@@ -26,6 +26,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from kvevict.worker.observers import CAPTURE_KWARG
+from kvevict.worker.ragged_cache import RAGGED_KWARG
+from kvevict.worker.ragged_kv import ragged_attention
 
 ATTN_IMPLEMENTATION = "kvevict"
 COLLECTOR_KWARG = "kvevict_collector"
@@ -110,6 +112,10 @@ def kvevict_attention(
                          f"says {collector.cache.window(layer)} (0 = full attention): the model config's "
                          "layer types disagree with its attention modules")
 
+    ragged = kwargs.get(RAGGED_KWARG)
+    if ragged is not None:  # a per-head session: the store holds the cache, `key`/`value` are the block
+        return _attend_ragged(module, query, ragged, layer, scaling, softcap, collector)
+
     visible = _visibility(collector, layer, q_len, kv_len, sliding_window, query.device)
     records = collector is not None and collector.needs_attention
     if softcap is None and not (records and collector.needs_every_query):
@@ -136,6 +142,51 @@ def kvevict_attention(
                                    logits=logits if collector.needs_logits else None, module=module)
     out = out32.to(query.dtype).reshape(1, num_query_heads, q_len, head_dim)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _attend_ragged(module: torch.nn.Module, query: torch.Tensor, cache: Any, layer: int, scaling: float,
+                   softcap: float | None, collector: Any) -> tuple[torch.Tensor, None]:
+    """kvevict_attention over a HeadPrunableCache's store, the q new tokens already appended to
+    every head. The output is ragged attention's (SDPA per run of equal heads); probabilities
+    for the statistics come, as in the rectangular path, from one float32 pass over the layer
+    left-aligned (zeros after each head's end), and so do the output's when every query's
+    probabilities are needed or the logits are soft-capped."""
+    q_len = query.shape[2]
+    store = cache.store
+    records = collector is not None and collector.needs_attention
+    if softcap is None and not (records and collector.needs_every_query):
+        out, _ = ragged_attention(query, store, layer, scaling, block=q_len)
+        first = collector.first_needed_query(layer, q_len) if records else q_len
+        if records:
+            probs = logits = values = None
+            if first < q_len:
+                keys, values, visible = _left_aligned(store, layer, q_len)
+                probs, logits = _probabilities(query[:, :, first:], keys, visible[:, first:], store.num_kv_heads,
+                                               scaling, None)
+            collector.record_attention(layer, probs, skipped=first, queries=q_len,
+                                       values=None if values is None else values[0],
+                                       logits=logits if collector.needs_logits else None, module=module)
+        return out, None
+    keys, values, visible = _left_aligned(store, layer, q_len)
+    probs, logits = _probabilities(query, keys, visible, store.num_kv_heads, scaling, softcap)
+    out32 = torch.einsum("hgqk,hkd->hgqd", probs, values[0].float())
+    if records:
+        collector.record_attention(layer, probs, skipped=0, queries=q_len, values=values[0],
+                                   logits=logits if collector.needs_logits else None, module=module)
+    _, num_query_heads, _, head_dim = query.shape
+    out = out32.to(query.dtype).reshape(1, num_query_heads, q_len, head_dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _left_aligned(store: Any, layer: int, q_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A ragged layer as keys/values (1, Hkv, Lmax, d), each head's tokens first and zeros after,
+    and the visibility (Hkv, q, Lmax) of its last q tokens' queries: causal inside the block,
+    nothing past a head's end."""
+    keys, values, _, _ = store.to_rectangular(layer)
+    lengths = torch.tensor(store.lengths(layer), device=keys.device)
+    column = torch.arange(keys.shape[2], device=keys.device)
+    last = lengths[:, None] - q_len + torch.arange(q_len, device=keys.device)[None, :]  # query i's own column
+    return keys, values, column[None, None, :] <= last[:, :, None]
 
 
 def _probabilities(query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor, num_kv_heads: int, scaling: float,

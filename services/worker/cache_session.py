@@ -25,6 +25,8 @@ from kvevict.worker.manager_client import EmbeddedManagerClient, ManagerClient
 from kvevict.worker.model_loader import geometry_of
 from kvevict.worker.observers import (CAPTURE_KWARG, POOLS, LayerQueries, ObserverQueries, QueryCapture,
                                      RepeatPrompt)
+from kvevict.worker.ragged_cache import RAGGED_KWARG, HeadPrunableCache
+from kvevict.worker.ragged_statistics import HeadStatisticsCollector
 from kvevict.worker.remote_manager import ManagerUnavailable
 from kvevict.worker.statistics import Requirement, StatisticsCollector, to_wire
 
@@ -56,8 +58,9 @@ def _fallback_reason(error: BaseException) -> str | None:
 
 
 # Called before every forward with the new tokens' positions (q,) and every layer's cached
-# positions (Hkv, L) including them: exactly what each query of the forward can see.
-ForwardObserver = Callable[[torch.Tensor, list[torch.Tensor]], None]
+# positions (Hkv, L) including them (per-head sessions: a list of each head's (L_h,)): exactly
+# what each query of the forward can see.
+ForwardObserver = Callable[[torch.Tensor, list], None]
 
 
 @dataclass
@@ -163,12 +166,17 @@ class CacheSession:
         self.session_id = opened.session_id
         self.report_every_block = opened.report_every_block
         self.layer_budgets = list(opened.layer_budgets)
+        # A per-head session: each KV head keeps its own count (HeadPrunableCache frees what it evicts).
+        self.per_head = opened.per_head_budgets
+        self.head_budgets = list(opened.head_budgets)
         device = next(model.parameters()).device
         self.device = device
-        self.cache = PrunableCache(self.geometry.num_layers, self.geometry.num_kv_heads, device,
-                                   self.geometry.sliding_windows, hf_cache=hf_cache)
+        cache_type, collector_type = ((HeadPrunableCache, HeadStatisticsCollector) if self.per_head
+                                      else (PrunableCache, StatisticsCollector))
+        self.cache = cache_type(self.geometry.num_layers, self.geometry.num_kv_heads, device,
+                                self.geometry.sliding_windows, hf_cache=hf_cache)
         requirements = [Requirement.from_proto(r, opened.statistics_dtype) for r in opened.statistics]
-        self.collector = StatisticsCollector(requirements, self.geometry.num_layers, self.cache)
+        self.collector = collector_type(requirements, self.geometry.num_layers, self.cache)
         self.cache.listener = self.collector  # evictions between a forward and its report realign the sums
         self._decisions = decisions if decisions is not None or not settings.pipelined else ThreadPoolExecutor(
             1, thread_name_prefix="kvevict-decide")
@@ -267,14 +275,21 @@ class CacheSession:
         self._next_position += count
         self._pending_positions.append(positions)
         self.cache.append_positions(positions)
-        if self.observer is not None:
-            self.observer(positions, [self.cache.positions(layer) for layer in range(self.cache.num_layers)])
+        if self.observer is not None:  # per-head: each head's positions, the block's appended
+            self.observer(positions, [self.cache.positions(layer) for layer in range(self.cache.num_layers)]
+                          if not self.per_head else
+                          [[torch.cat([row, positions]) for row in self.cache.head_positions(layer)]
+                           for layer in range(self.cache.num_layers)])
         return positions
 
     def forward_kwargs(self) -> dict:
         """What the model's forward needs beside the tokens: the statistics collector (read by
-        kvevict attention)."""
-        return {COLLECTOR_KWARG: self.collector}
+        kvevict attention), and a per-head session's cache."""
+        return {COLLECTOR_KWARG: self.collector, **self._cache_kwargs()}
+
+    def _cache_kwargs(self) -> dict:
+        """What kvevict attention needs to attend over this cache (a per-head session's store)."""
+        return {RAGGED_KWARG: self.cache} if self.per_head else {}
 
     def end_forward(self, count: int) -> None:
         """After the forward of `count` declared tokens: shape check, peaks, KV gauges."""
@@ -351,7 +366,7 @@ class CacheSession:
                 cache.append_positions(position)
                 output = self.model(input_ids=torch.tensor([tokens], device=self.device), position_ids=position[None],
                                     past_key_values=cache.hf_cache, use_cache=True, logits_to_keep=1,
-                                    **{CAPTURE_KWARG: capture})
+                                    **{CAPTURE_KWARG: capture}, **self._cache_kwargs())
                 tokens = [int(torch.argmax(output.logits[0, -1]))]
         finally:
             cache.restore(saved)
@@ -376,11 +391,11 @@ class CacheSession:
             self.cache.append_positions(positions)
             self.model(input_ids=torch.tensor([tokens], device=self.device), position_ids=positions[None],
                        past_key_values=self.cache.hf_cache, use_cache=True, logits_to_keep=1,
-                       **{CAPTURE_KWARG: capture})
+                       **{CAPTURE_KWARG: capture}, **self._cache_kwargs())
             for layer, observed in capture.layers.items():
                 # The speculative keys are no candidates, but their share of each query's attention
                 # stays out of the cached tokens' (KVzip's score: no renormalization over the cache).
-                spec_keys = self.cache.keys_values(layer)[0][0, :, -len(tokens):].float()
+                spec_keys = self.cache.recent_keys(layer, len(tokens)).float()
                 capture.layers[layer] = replace(observed, excluded=_causal_logsumexp(observed, spec_keys, len(lead)))
         finally:
             self.cache.restore(saved)
@@ -432,10 +447,14 @@ class CacheSession:
             self.cache.drop_leading(unseen)
             self._track_kv()
 
-    def _cached_positions(self, request: pb.ReportBlockRequest) -> list[torch.Tensor]:
+    def _cached_positions(self, request: pb.ReportBlockRequest) -> list:
         """Every layer's cached positions before the report's new tokens (the cache only ever
-        replaces its tensors, so these stay as they are)."""
+        replaces its tensors, so these stay as they are; a per-head session's, copied: its store
+        writes in place): per layer (Hkv, L), or a list of each head's (L_h,)."""
         pending = request.positions.shape[0]
+        if self.per_head:
+            return [[row[: row.numel() - pending].clone() for row in self.cache.head_positions(layer)]
+                    for layer in range(self.cache.num_layers)]
         return [self.cache.positions(layer)[:, : self.cache.length(layer) - pending]
                 for layer in range(self.cache.num_layers)]
 
@@ -461,6 +480,14 @@ class CacheSession:
         the keep masks, which index what is left (pipelined: the tokens cached since the report,
         after the masks' length, all stay)."""
         self.cache.drop_leading(unseen)
+        if self.per_head:
+            evicted = self._apply_head_keeps(response)
+            self.head_budgets = list(response.head_budgets)
+            if self.metrics is not None:
+                self.metrics.evicted(evicted)
+                self._track_kv()
+            self.layer_budgets = list(response.layer_budgets)
+            return
         evicted = 0
         for keep in response.keeps:
             mask = wire.decode_bits(keep.keep, f"keeps[{keep.layer}].keep")
@@ -471,6 +498,29 @@ class CacheSession:
         if self.metrics is not None:
             self.metrics.evicted(evicted)
             self._track_kv()
+
+    def _apply_head_keeps(self, response: pb.ReportBlockResponse) -> int:
+        """A per-head session's keep masks (LayerKeep.head_lengths, head_kept): each head keeps
+        its own count; returns the entries evicted."""
+        evicted = 0
+        for keep in response.keeps:
+            field = f"keeps[{keep.layer}]"
+            if keep.layer >= self.cache.num_layers or len(keep.head_lengths) != self.cache.num_kv_heads \
+                    or len(keep.head_kept) != self.cache.num_kv_heads:
+                raise ValueError(f"{field}: a per-head keep needs a layer below {self.cache.num_layers} and "
+                                 f"{self.cache.num_kv_heads} head_lengths and head_kept")
+            bits = torch.from_numpy(wire.decode_bits(keep.keep, f"{field}.keep").reshape(-1))
+            if bits.numel() != sum(keep.head_lengths):
+                raise ValueError(f"{field}.keep covers {bits.numel()} entries, head_lengths sum to {sum(keep.head_lengths)}")
+            masks = list(torch.split(bits, list(keep.head_lengths)))
+            if [int(m.sum()) for m in masks] != list(keep.head_kept):
+                raise ValueError(f"{field}.keep keeps {[int(m.sum()) for m in masks]} per head, head_kept says "
+                                 f"{list(keep.head_kept)}")
+            before = self.cache.total_length(keep.layer)
+            self.cache.apply_head_keeps(keep.layer, masks)
+            self.collector.heads_kept(keep.layer, masks)
+            evicted += before - self.cache.total_length(keep.layer)
+        return evicted
 
     def _timed_report(self, manager: ManagerClient, request: pb.ReportBlockRequest) -> pb.ReportBlockResponse:
         """One ReportBlock call; its round trip (failed or not) goes to the metrics."""
@@ -487,6 +537,13 @@ class CacheSession:
         positions = torch.cat(self._pending_positions).cpu().numpy()
         layers = []
         for layer in range(self.cache.num_layers):
+            if self.per_head:
+                statistics = self.collector.head_statistics(layer)
+                tensors = [to_wire(t, req.dtype) for t, req in zip(statistics, self.collector.requirements)]
+                lengths = self.cache.head_lengths(layer)
+                layers.append(pb.LayerStatistics(layer=layer, cache_length=sum(lengths), values=tensors,
+                                                 head_lengths=lengths))
+                continue
             keys, values = self.cache.keys_values(layer)
             # Over the tokens that stay: those that left the window are dropped after the report.
             statistics = self.collector.layer_statistics(layer, keys, values, unseen[layer])
@@ -524,6 +581,25 @@ class CacheSession:
             self.metrics.fell_back()
         log.warning("event=manager_fallback session_ref=%s reason=%s error=%r",
                     session_ref(getattr(self, "session_id", "")), reason, str(error))
+
+    def cache_counts(self) -> dict:
+        """The summary's per-layer fields (EvictionSummary's evicted_per_layer, final_lengths,
+        layer_budgets, final_head_lengths, kv_bytes, kept_kv_bytes, full_cache_bytes): per KV
+        head, or for a per-head session averages per KV head (rounded down) and every head's count."""
+        cache, layers = self.cache, range(self.cache.num_layers)
+        counts = {"kv_bytes": cache.kv_bytes(), "full_cache_bytes": cache.full_cache_bytes()}
+        if not self.per_head:
+            # Its tensors hold exactly the kept entries: no slack.
+            return {**counts, "evicted_per_layer": [cache.evicted(layer) for layer in layers],
+                    "final_lengths": [cache.length(layer) for layer in layers],
+                    "layer_budgets": list(self.layer_budgets), "final_head_lengths": [],
+                    "kept_kv_bytes": counts["kv_bytes"]}
+        heads = cache.num_kv_heads
+        return {**counts, "evicted_per_layer": [cache.evicted(layer) // heads for layer in layers],
+                "final_lengths": [cache.total_length(layer) // heads for layer in layers],
+                "layer_budgets": [budget // heads for budget in self.layer_budgets],
+                "final_head_lengths": [n for layer in layers for n in cache.head_lengths(layer)],
+                "kept_kv_bytes": cache.kept_bytes()}
 
     @property
     def closed(self) -> bool:

@@ -115,12 +115,10 @@ class EvictingCache(DynamicCache):
 
     def summary(self) -> EvictionSummary:
         """What eviction did so far (prompt tokens: those prefilled; generated: decode steps)."""
-        session, cache = self._session, self._session.cache
+        session = self._session
         return EvictionSummary(
             prompt_tokens=self._counts["prefilled"], generated_tokens=self._counts["decoded"],
-            evicted_per_layer=[cache.evicted(layer) for layer in range(cache.num_layers)],
-            final_lengths=self.layer_lengths, peak_lengths=list(session.stats.peak_lengths),
-            layer_budgets=self.layer_budgets, kv_bytes=cache.kv_bytes(), full_cache_bytes=cache.full_cache_bytes(),
+            peak_lengths=list(session.stats.peak_lengths), **session.cache_counts(),
             peak_kv_bytes=session.stats.peak_kv_bytes, reports=session.stats.reports,
             report_bytes=session.stats.report_bytes, manager_seconds=session.stats.manager_seconds,
             prefill_seconds=0.0, decode_seconds=0.0, manager_fallback=session.stats.manager_fallback)

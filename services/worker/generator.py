@@ -111,17 +111,11 @@ class EvictingGenerator:
 
 def summarize(session: CacheSession, prompt_tokens: int, generated: int, prefill_s: float,
                decode_s: float) -> EvictionSummary:
-    cache = session.cache
-    final = [cache.length(layer) for layer in range(cache.num_layers)]
     return EvictionSummary(
         prompt_tokens=prompt_tokens,
         generated_tokens=generated,
-        evicted_per_layer=[cache.evicted(layer) for layer in range(cache.num_layers)],
-        final_lengths=final,
         peak_lengths=list(session.stats.peak_lengths),
-        layer_budgets=list(session.layer_budgets),
-        kv_bytes=cache.kv_bytes(),
-        full_cache_bytes=cache.full_cache_bytes(),
+        **session.cache_counts(),
         peak_kv_bytes=session.stats.peak_kv_bytes,
         reports=session.stats.reports,
         report_bytes=session.stats.report_bytes,

@@ -83,6 +83,10 @@ class PrunableCache(PositionSource):
         entry = self.hf_cache.layers[layer]
         return entry.keys, entry.values
 
+    def recent_keys(self, layer: int, count: int) -> torch.Tensor:
+        """The last `count` keys of every head (Hkv, count, d): a block every head appended."""
+        return self.hf_cache.layers[layer].keys[0, :, -count:]
+
     def check_geometry(self, head_dim: int) -> None:
         """Raises when the model cached other shapes than the geometry it was opened with."""
         for layer, entry in enumerate(self.hf_cache.layers):

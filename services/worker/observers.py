@@ -10,7 +10,7 @@ is a few queries per layer, nothing per cached token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -74,6 +74,7 @@ class ObserverQueries:
         self.every_query = every_query
         self.pool = pool
         self.others: list[ObserverQueries] = []  # further sets, each combined by its own rule, added up
+        self._heads: dict[int, ObserverQueries] = {}  # for_head's
 
     def joined(self, other: "ObserverQueries") -> "ObserverQueries":
         """These observers and `other`'s: attention statistics add each set's, the per-query
@@ -82,6 +83,19 @@ class ObserverQueries:
         joined.layers = self.layers
         joined.others = [*self.others, other]
         return joined
+
+    def for_head(self, head: int) -> "ObserverQueries":
+        """These observers as seen by KV head `head` alone (its group's query heads): what a cache
+        whose heads hold different tokens measures head by head. Built once per head."""
+        cached = self._heads.get(head)
+        if cached is None:
+            cached = ObserverQueries(QueryCapture(torch.empty(0)), self.every_query, self.pool)
+            cached.layers = {layer: replace(q, queries=q.queries[head : head + 1],
+                                            excluded=None if q.excluded is None else q.excluded[head : head + 1])
+                             for layer, q in self.layers.items()}
+            cached.others = [other.for_head(head) for other in self.others]
+            self._heads[head] = cached
+        return cached
 
     def attention(self, layer: int, keys: torch.Tensor, key_positions: torch.Tensor, window: int) -> torch.Tensor:
         """Attention (Hkv, L) of the last `window` observers over `keys` (Hkv, L, d) float32 at

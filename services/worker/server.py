@@ -204,7 +204,8 @@ def summary_to_proto(summary: EvictionSummary) -> worker_pb2.EvictionSummary:
         peak_kv_bytes=summary.peak_kv_bytes, reports=summary.reports, prefill_seconds=summary.prefill_seconds,
         decode_seconds=summary.decode_seconds, manager_seconds=summary.manager_seconds,
         manager_fallback=summary.manager_fallback, peak_lengths=summary.peak_lengths,
-        report_bytes=summary.report_bytes,
+        report_bytes=summary.report_bytes, final_head_lengths=summary.final_head_lengths,
+        kept_kv_bytes=summary.kept_kv_bytes,
     )
 
 

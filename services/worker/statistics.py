@@ -12,6 +12,7 @@ accumulated in float32 whatever the model dtype, and cast to the wire dtype only
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -164,9 +165,12 @@ class StatisticsCollector:
             acc.query_errors[key] = _grow_add(acc.query_errors.get(key), errors)
 
     def _errors(self, layer: int, statistic: int, probs: torch.Tensor, values: torch.Tensor,
-                logits: torch.Tensor | None) -> torch.Tensor:
+                logits: torch.Tensor | None, head: int | None = None) -> torch.Tensor:
+        """Per-query errors; `head`: probs and values are KV head `head`'s alone."""
         if statistic == pb.STATISTIC_QUERY_PROJECTED_ERROR:
             gram, slices = self._projections[layer]
+            if head is not None:
+                gram, slices = gram[head : head + 1], slices[head : head + 1]
             return projected_errors(probs, values, gram.to(probs.device), slices.to(probs.device))
         return query_errors(statistic, probs, values, logits)
 
@@ -210,18 +214,24 @@ class StatisticsCollector:
 
         keys/values: the layer's cache, (1, Hkv, L, d).
         """
-        acc = self._layers[layer]
         k32, v32 = keys[0, :, unseen:].float(), values[0, :, unseen:].float()
         num_kv_heads, length = keys.shape[1], keys.shape[2]
-
-        positions = self.cache.positions(layer)[:, unseen:]
 
         def visible(total: torch.Tensor | None) -> torch.Tensor:
             return _padded(total, num_kv_heads, length, k32.device)[:, unseen:]
 
+        return self._statistics(layer, k32, v32, self.cache.positions(layer)[:, unseen:], visible, self.observers)
+
+    def _statistics(self, layer: int, k32: torch.Tensor, v32: torch.Tensor, positions: torch.Tensor,
+                    visible: Callable[[torch.Tensor | None], torch.Tensor], observers: ObserverQueries | None,
+                    head: int | None = None) -> list[torch.Tensor]:
+        """The statistics over keys/values (H, L, d) float32 at `positions` (H, L): the layer's
+        heads, or only KV head `head` of it (H = 1); `visible` gives an accumulator's columns."""
+        acc = self._layers[layer]
+
         def window_attention(window: int) -> torch.Tensor:
-            if self.observers is not None:
-                return self.observers.attention(layer, k32, positions, window)
+            if observers is not None:
+                return observers.attention(layer, k32, positions, window)
             return visible(acc.attn_window.get(window))
 
         results = []
@@ -231,9 +241,9 @@ class StatisticsCollector:
             elif req.statistic == pb.STATISTIC_ATTN_WINDOW:
                 results.append(window_attention(req.window))
             elif req.statistic in QUERY_ERRORS:
-                if self.observers is not None:  # the window is the observers' queries, on this cache
-                    probs, logits = self.observers.probabilities(layer, k32, positions, req.window)
-                    results.append(self._errors(layer, req.statistic, probs, v32, logits))
+                if observers is not None:  # the window is the observers' queries, on this cache
+                    probs, logits = observers.probabilities(layer, k32, positions, req.window)
+                    results.append(self._errors(layer, req.statistic, probs, v32, logits, head))
                 else:
                     results.append(visible(acc.query_errors.get((req.statistic, req.window))))
             elif req.statistic == pb.STATISTIC_VALUE_DEV_MEAN:
