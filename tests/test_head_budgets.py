@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from kvevict.cache_manager import InvalidArgument, head_budgets
 from kvevict.cache_manager.head_budgets import (
     ADAHEAD_ALPHA, COMPARABLE_BASES, COMPARABLE_WRAPPERS, HEAD_ALLOCATORS, HeadProfile, accepts_policy,
-    adahead_budgets, check_comparable, concave_hull, epicache_budgets, global_budgets, keep_masks, load_profile,
-    lukv_budgets, lukv_gains, save_profile,
+    adahead_budgets, adahead_budgets_ragged, check_comparable, concave_hull, epicache_budgets, global_budgets,
+    global_budgets_ragged, keep_masks, keep_masks_ragged, load_profile, lukv_budgets, lukv_gains, save_profile,
 )
 from kvevict.cache_manager.policies import BASE_POLICIES
 from kvevict.cache_manager.wrappers import WRAPPERS
@@ -160,6 +160,141 @@ def test_top_k_allocations_keep_the_best_total_any_allocation_can(case) -> None:
     for layer, score in enumerate(scores):
         budgets = adahead_budgets([score], tokens, sink, recent, alpha)
         assert kept_total([score], budgets, sink, recent) == best_total([score], tokens, sink, recent, alpha)
+
+
+# --- ragged caches: every head its own length ------------------------------------------------
+
+
+def brute_top_k_ragged(rows: list[list[np.ndarray]], tokens: int, sink: int, recent: int, alpha: float,
+                       groups: list[list[int]]) -> tuple[np.ndarray, list[list[set]]]:
+    """brute_top_k with each head's own length: its floor from its own sorted tokens (its own
+    first `sink` and last `recent` protected), then every other middle token of the group sorted
+    as (score desc, cache column desc, layer, head), up to min(tokens x heads x layers, held)."""
+    heads = len(rows[0])
+    budgets = np.zeros((len(rows), heads), dtype=int)
+    kept = [[set() for _ in range(heads)] for _ in rows]
+    for group in groups:
+        rest, used = [], 0
+        total = min(len(group) * heads * tokens, sum(len(row) for layer in group for row in rows[layer]))
+        for layer in group:
+            for head, row in enumerate(rows[layer]):
+                length = len(row)
+                floor = floor_of(tokens, alpha, length, sink, recent)
+                protected = protected_columns(length, sink, recent)
+                middle = sorted((-float(row[c]), -c) for c in range(length) if c not in protected)
+                picks = floor - len(protected)
+                kept[layer][head] |= protected | {-c for _, c in middle[:picks]}
+                rest += [(v, c, layer, head) for v, c in middle[picks:]]
+                budgets[layer, head] = floor
+                used += floor
+        for _, c, layer, head in sorted(rest)[:total - used]:
+            budgets[layer, head] += 1
+            kept[layer][head].add(-c)
+    return budgets, kept
+
+
+@st.composite
+def ragged_report(draw, max_layers: int = 3, max_heads: int = 3, max_length: int = 9):
+    """Small ragged reports: integer scores (many ties), each head its own length (0 allowed)."""
+    layers = draw(st.integers(1, max_layers))
+    heads = draw(st.integers(1, max_heads))
+    tokens = draw(st.integers(1, 6))
+    sink = draw(st.integers(0, 2))
+    recent = draw(st.integers(0, 2))
+    if sink + recent >= tokens:
+        sink, recent = 0, 0
+    alpha = draw(st.sampled_from([0.0, 0.2, 0.5, 1.0]))
+    rows = [[np.array(draw(st.lists(st.integers(0, 4), min_size=0, max_size=max_length)), dtype=np.float64)
+             for _ in range(heads)] for _ in range(layers)]
+    return rows, tokens, sink, recent, alpha
+
+
+@SMALL
+@given(ragged_report())
+def test_ragged_adahead_equals_the_brute_force_sort(case) -> None:
+    rows, tokens, sink, recent, alpha = case
+    budgets = adahead_budgets_ragged(rows, tokens, sink, recent, alpha)
+    expected, kept = brute_top_k_ragged(rows, tokens, sink, recent, alpha, [[layer] for layer in range(len(rows))])
+    assert budgets.tolist() == expected.tolist()
+    for layer, masks in enumerate(keep_masks_ragged(rows, budgets, sink, recent)):
+        held = sum(len(row) for row in rows[layer])
+        assert budgets[layer].sum() == min(len(rows[layer]) * tokens, held)  # exact total per layer
+        for head, (row, mask) in enumerate(zip(rows[layer], masks)):
+            assert mask.shape == (len(row),)
+            assert set(np.flatnonzero(mask).tolist()) == kept[layer][head]  # the top-k's own picks
+            assert budgets[layer, head] >= floor_of(tokens, alpha, len(row), sink, recent)
+            assert budgets[layer, head] <= len(row)
+
+
+@SMALL
+@given(ragged_report())
+def test_ragged_global_equals_the_brute_force_sort(case) -> None:
+    rows, tokens, sink, recent, alpha = case
+    budgets = global_budgets_ragged(rows, tokens, sink, recent, alpha)
+    expected, kept = brute_top_k_ragged(rows, tokens, sink, recent, alpha, [list(range(len(rows)))])
+    assert budgets.tolist() == expected.tolist()
+    held = sum(len(row) for layer in rows for row in layer)
+    assert budgets.sum() == min(len(rows) * len(rows[0]) * tokens, held)
+    for layer, masks in enumerate(keep_masks_ragged(rows, budgets, sink, recent)):
+        for head, mask in enumerate(masks):
+            assert set(np.flatnonzero(mask).tolist()) == kept[layer][head]
+
+
+@SMALL
+@given(report())
+def test_ragged_functions_equal_the_rectangular_ones_on_equal_lengths(case) -> None:
+    scores, tokens, sink, recent, alpha = case
+    rows = [list(score) for score in scores]
+    assert adahead_budgets_ragged(rows, tokens, sink, recent, alpha).tolist() == \
+        adahead_budgets(scores, tokens, sink, recent, alpha).tolist()
+    budgets = global_budgets(scores, tokens, sink, recent, alpha)
+    assert global_budgets_ragged(rows, tokens, sink, recent, alpha).tolist() == budgets.tolist()
+    for masks, mask in zip(keep_masks_ragged(rows, budgets, sink, recent), keep_masks(scores, budgets, sink, recent)):
+        assert np.array_equal(np.stack(masks), mask)
+
+
+def test_a_ragged_head_protects_its_own_ends() -> None:
+    rows = [[np.array([9., 0., 0., 0., 0., 0., 1.]), np.array([0., 5., 5., 0.])]]
+    budgets = adahead_budgets_ragged(rows, tokens=3, sink=1, recent=1, alpha=0.0)
+    assert budgets.tolist() == [[2, 4]]  # head 1's 5s beat head 0's middle zeros
+    masks = keep_masks_ragged(rows, budgets, sink=1, recent=1)[0]
+    assert masks[0].astype(int).tolist() == [1, 0, 0, 0, 0, 0, 1]
+    assert masks[1].astype(int).tolist() == [1, 1, 1, 1]
+
+
+def test_ragged_rows_are_checked() -> None:
+    with pytest.raises(InvalidArgument) as error:
+        adahead_budgets_ragged([[np.zeros(3)], [np.zeros(3), np.zeros(2)]], tokens=2)
+    assert error.value.field == "layers"
+    with pytest.raises(InvalidArgument) as error:
+        global_budgets_ragged([[np.zeros(3)], [np.array([np.nan])]], tokens=2)
+    assert error.value.field == "layers[1]"
+    with pytest.raises(InvalidArgument) as error:
+        keep_masks_ragged([[np.zeros(3)]], np.array([[1, 1]]))
+    assert error.value.field == "budgets"
+
+
+@SMALL
+@given(st.data())
+def test_lukv_takes_every_heads_own_length(data) -> None:
+    layers, heads = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3))
+    grid = np.array([0.0, 0.25, 0.5, 1.0])
+    raw = data.draw(st.lists(st.floats(0.0, 1.0), min_size=layers * heads * 3, max_size=layers * heads * 3))
+    curves = np.concatenate([np.zeros((layers, heads, 1)),
+                             np.cumsum(np.reshape(raw, (layers, heads, 3)), axis=-1)], axis=-1)
+    lengths = np.array(data.draw(st.lists(st.integers(0, 12), min_size=layers * heads, max_size=layers * heads)))
+    lengths = lengths.reshape(layers, heads)
+    tokens = data.draw(st.integers(1, 6))
+    budgets = lukv_budgets(curves, grid, tokens, lengths, alpha=0.2)
+    assert (budgets <= lengths).all() and (budgets >= np.minimum(lengths, half_up(0.2 * tokens))).all()
+    assert budgets.sum() == min(layers * heads * tokens, int(lengths.sum()))
+    # The greedy: every kept token's gain >= every left one's, on each head's own hull and length.
+    gains = lukv_gains(curves, grid, lengths)
+    floor = np.minimum(lengths, half_up(0.2 * tokens)).ravel()
+    taken = [g for flat, g in enumerate(gains) for g in g[floor[flat]:budgets.ravel()[flat]]]
+    left = [g for flat, g in enumerate(gains) for g in g[budgets.ravel()[flat]:]]
+    if taken and left:
+        assert min(taken) >= max(left) - 1e-12
 
 
 def test_adahead_follows_kvpress_safeguard_on_a_concentrated_head() -> None:

@@ -172,37 +172,61 @@ def _middle_ranks(middle: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def _top_k_counts(scores: Sequence[np.ndarray], tokens: int, sink: int, recent: int, alpha: float,
+def _check_rows(rows: Sequence[Sequence[np.ndarray]]) -> int:
+    """Heads per layer of a ragged cache: per layer, one 1-D score row per KV head."""
+    if not rows:
+        raise InvalidArgument("layers", "no layers")
+    heads = {len(layer) for layer in rows}
+    if len(heads) != 1 or any(np.ndim(row) != 1 for layer in rows for row in layer):
+        raise InvalidArgument("layers", "scores must be one 1-D row per KV head, as many heads in every layer")
+    for layer, heads_rows in enumerate(rows):
+        if any(np.isnan(row).any() for row in heads_rows):
+            raise InvalidArgument(f"layers[{layer}]", "scores hold NaN")
+    return heads.pop()
+
+
+def _top_k_counts(rows: Sequence[Sequence[np.ndarray]], tokens: int, sink: int, recent: int, alpha: float,
                   groups: Sequence[Sequence[int]]) -> np.ndarray:
-    """Floors, then one top-k over the other middle tokens of the layers of each group."""
-    heads = _check_scores(scores)
+    """Floors, then one top-k over the other middle tokens of the layers of each group. `rows`:
+    per layer one 1-D score row per KV head, each head its own length (a ragged cache)."""
+    heads = _check_rows(rows)
     _validate(tokens, sink, recent, alpha)
-    budgets = np.zeros((len(scores), heads), dtype=np.int64)
+    budgets = np.zeros((len(rows), heads), dtype=np.int64)
     for group in groups:
-        lengths = [scores[layer].shape[1] for layer in group]
-        floors = [head_floor(tokens, alpha, n, sink, recent) for n in lengths]
-        target = min(len(group) * heads * tokens, heads * sum(lengths))
+        held = 0
         values, columns, layer_ids, head_ids = [], [], [], []
-        for layer, n, floor in zip(group, lengths, floors):
-            budgets[layer] = floor
-            middle = np.asarray(scores[layer], dtype=np.float64)[:, sink:n - recent] if n > sink + recent else None
-            if middle is None or floor >= n:
-                continue
-            # A head's floor takes its best middle tokens; the rest compete across heads.
-            rest = _middle_ranks(middle) >= floor - protected_count(n, sink, recent)
-            head, column = np.nonzero(rest)
-            values.append(middle[head, column])
-            columns.append(column)
-            layer_ids.append(np.full(head.size, layer))
-            head_ids.append(head)
-        extra = target - heads * sum(floors)
+        for layer in group:
+            for head, row in enumerate(rows[layer]):
+                n = len(row)
+                held += n
+                floor = head_floor(tokens, alpha, n, sink, recent)
+                budgets[layer, head] = floor
+                if n <= sink + recent or floor >= n:
+                    continue
+                middle = np.asarray(row, dtype=np.float64)[sink:n - recent]
+                # A head's floor takes its best middle tokens; the rest compete across heads.
+                column = np.flatnonzero(_middle_ranks(middle[None])[0] >= floor - protected_count(n, sink, recent))
+                values.append(middle[column])
+                columns.append(column)
+                layer_ids.append(np.full(column.size, layer))
+                head_ids.append(np.full(column.size, head))
+        target = min(len(group) * heads * tokens, held)
+        extra = target - int(budgets[list(group)].sum())
         if extra <= 0 or not values:
             continue
         value, column, layer_id, head_id = (np.concatenate(a) for a in (values, columns, layer_ids, head_ids))
         # Higher score first; ties: the more recent column, then the lower layer, then the lower head.
+        # (Columns count from each head's first middle token, which is the same offset `sink` in
+        # every head, so "more recent" compares cache columns even when the heads' lengths differ.)
         chosen = np.lexsort((head_id, layer_id, -column, -value))[:extra]
         np.add.at(budgets, (layer_id[chosen], head_id[chosen]), 1)
     return budgets
+
+
+def _rows(scores: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
+    """Rectangular (kv_heads, length) layers as ragged rows (views)."""
+    _check_scores(scores)
+    return [list(np.asarray(score)) for score in scores]
 
 
 def adahead_budgets(scores: Sequence[np.ndarray], tokens: int, sink: int = 0, recent: int = 0,
@@ -222,7 +246,20 @@ def adahead_budgets(scores: Sequence[np.ndarray], tokens: int, sink: int = 0, re
     >>> adahead_budgets(scores, tokens=2, alpha=0.0).tolist()
     [[4, 0]]
     """
-    return _top_k_counts(scores, tokens, sink, recent, alpha, [[layer] for layer in range(len(scores))])
+    return _top_k_counts(_rows(scores), tokens, sink, recent, alpha, [[layer] for layer in range(len(scores))])
+
+
+def adahead_budgets_ragged(rows: Sequence[Sequence[np.ndarray]], tokens: int, sink: int = 0, recent: int = 0,
+                           alpha: float = ADAHEAD_ALPHA) -> np.ndarray:
+    """adahead_budgets of a ragged cache: `rows[l][h]` is head h of layer l's 1-D scores, each
+    head its own length. Each layer keeps min(tokens x heads, the tokens its heads hold); floors,
+    protection (each head's own first `sink` and last `recent`) and ties as adahead_budgets. On
+    heads of one length it equals adahead_budgets.
+
+    >>> adahead_budgets_ragged([[np.array([9., 8., 7., 6.]), np.array([5.])]], tokens=2, alpha=0.5).tolist()
+    [[3, 1]]
+    """
+    return _top_k_counts(rows, tokens, sink, recent, alpha, [[layer] for layer in range(len(rows))])
 
 
 def global_budgets(scores: Sequence[np.ndarray], tokens: int, sink: int = 0, recent: int = 0,
@@ -238,7 +275,18 @@ def global_budgets(scores: Sequence[np.ndarray], tokens: int, sink: int = 0, rec
     >>> global_budgets(scores, tokens=2, alpha=0.5).tolist()
     [[1], [3]]
     """
-    return _top_k_counts(scores, tokens, sink, recent, alpha, [list(range(len(scores)))])
+    return _top_k_counts(_rows(scores), tokens, sink, recent, alpha, [list(range(len(scores)))])
+
+
+def global_budgets_ragged(rows: Sequence[Sequence[np.ndarray]], tokens: int, sink: int = 0, recent: int = 0,
+                          alpha: float = ADAHEAD_ALPHA) -> np.ndarray:
+    """global_budgets of a ragged cache (rows as adahead_budgets_ragged): the model keeps
+    min(tokens x layers x heads, every token held); equals global_budgets on heads of one length.
+
+    >>> global_budgets_ragged([[np.array([5., 1., 1.])], [np.array([4., 3.])]], tokens=2, alpha=0.5).tolist()
+    [[2], [2]]
+    """
+    return _top_k_counts(rows, tokens, sink, recent, alpha, [list(range(len(rows)))])
 
 
 def keep_masks(scores: Sequence[np.ndarray], budgets: np.ndarray, sink: int = 0, recent: int = 0) -> list[np.ndarray]:
@@ -267,6 +315,39 @@ def keep_masks(scores: Sequence[np.ndarray], budgets: np.ndarray, sink: int = 0,
             middle = np.asarray(score, dtype=np.float64)[:, sink:length - recent]
             keep[:, sink:length - recent] = _middle_ranks(middle) < free[:, None]
         masks.append(keep)
+    return masks
+
+
+def keep_masks_ragged(rows: Sequence[Sequence[np.ndarray]], budgets: np.ndarray, sink: int = 0,
+                      recent: int = 0) -> list[list[np.ndarray]]:
+    """keep_masks of a ragged cache: per layer, one 1-D keep mask per head (rows as
+    adahead_budgets_ragged), each head's own protected tokens plus its best others up to its
+    budget; among equal scores the more recent token.
+
+    >>> [m.astype(int).tolist() for m in keep_masks_ragged([[np.array([9., 8., 7.]), np.array([1., 2.])]],
+    ...                                                     np.array([[2, 1]]), recent=1)[0]]
+    [[1, 0, 1], [0, 1]]
+    """
+    heads = _check_rows(rows)
+    budgets = np.asarray(budgets)
+    if budgets.shape != (len(rows), heads):
+        raise InvalidArgument("budgets", f"shape {budgets.shape} does not match {len(rows)} layers of {heads} heads")
+    masks = []
+    for layer, heads_rows in enumerate(rows):
+        layer_masks = []
+        for head, row in enumerate(heads_rows):
+            length = len(row)
+            free = min(int(budgets[layer, head]), length) - protected_count(length, sink, recent)
+            if free < 0:
+                raise InvalidArgument(f"budgets[{layer}]", "a head's budget is below its protected tokens")
+            keep = np.zeros(length, dtype=bool)
+            keep[:sink] = True
+            keep[max(length - recent, 0):] = True
+            if length > sink + recent:
+                middle = np.asarray(row, dtype=np.float64)[sink:length - recent]
+                keep[sink:length - recent] = _middle_ranks(middle[None])[0] < free
+            layer_masks.append(keep)
+        masks.append(layer_masks)
     return masks
 
 
