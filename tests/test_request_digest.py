@@ -17,7 +17,7 @@ from tests.test_manager_support import open_request, start
 # to the proto and not listed here fails the completeness test below.
 FIELDS = {
     "ReportBlockRequest": ("session_id", "sequence", "phase", "positions", "layers"),
-    "LayerStatistics": ("layer", "cache_length", "values"),
+    "LayerStatistics": ("layer", "cache_length", "values", "head_lengths"),
     "Tensor": ("dtype", "shape", "data"),
 }
 
@@ -73,6 +73,9 @@ def mutations(request: pb.ReportBlockRequest):
     del changed.layers[1].values[-1]
     yield "layers[1].values (one fewer)", changed
     yield from tensor_mutations("layers[1].values[0]", lambda r: r.layers[1].values[0])
+    changed = copy()
+    changed.layers[1].head_lengths.append(1)
+    yield "layers[1].head_lengths (one more)", changed
     changed = copy()  # the same bytes in another place
     first, second = changed.layers[0].values[0].data, changed.layers[0].values[1].data
     changed.layers[0].values[0].data, changed.layers[0].values[1].data = second, first

@@ -267,21 +267,59 @@ class Adaptive(BudgetAllocator):
         return result.tolist()
 
 
+@dataclass(frozen=True)
+class EpiCache(BudgetAllocator):
+    """EpiCache's per-layer budgets (head_budgets.epicache_budgets), fixed at open from a head
+    profile's layer sensitivity: `budgets` (one per layer, every head of a layer the same) is
+    what the session's settings keep of the profile, so any replica rebuilds the allocator."""
+
+    name = "epicache"
+    description = ("EpiCache: per-layer budgets from a profile's layer sensitivity, (1 - normalised key "
+                   "similarity) ** 1.1, floor tokens // 4, same total; needs budget.profile")
+    budgets: tuple[int, ...] = ()
+
+    def initial_budgets(self, geometry: Geometry) -> list[int]:
+        assert len(self.budgets) == geometry.num_layers, "epicache's budgets come from the session's profile"
+        return list(self.budgets)
+
+
+# The allocators the evaluation grid runs (kvevict.evaluation.grid derives its choices from
+# these): each needs nothing but BudgetSpec.tokens.
 ALLOCATORS: dict[str, type[BudgetAllocator]] = {cls.name: cls for cls in (Uniform, Pyramid, Adaptive)}
+# Per-layer allocators that need a head profile (BudgetSpec.profile): a session offers them, the
+# grid cannot run them without a profile, so they are kept apart from ALLOCATORS.
+PROFILE_ALLOCATORS: dict[str, type[BudgetAllocator]] = {EpiCache.name: EpiCache}
+# Per-head allocators (kvevict.cache_manager.head_budgets.HEAD_ALLOCATORS): a per-head session
+# (kvevict.cache_manager.per_head) instead of a BudgetAllocator.
+PER_HEAD_ALLOCATORS = ("adahead", "global", "lukv")
+# Every name BudgetSpec.allocator accepts, in ListPolicies order.
+SESSION_ALLOCATORS = (*ALLOCATORS, *PROFILE_ALLOCATORS, *PER_HEAD_ALLOCATORS)
 
 
-def make_allocator(name: str, tokens: int, sink: int = 0, recent: int = 0, wrapper: str | None = None) -> BudgetAllocator:
-    """Builds an allocator by BudgetSpec name ("" = uniform); InvalidArgument names the field.
+def check_allocator_name(name: str) -> str:
+    """The BudgetSpec.allocator name resolved ("" = uniform); InvalidArgument for unknown ones."""
+    name = name or Uniform.name
+    if name not in SESSION_ALLOCATORS:
+        raise InvalidArgument("budget.allocator", f"unknown allocator {name!r}; known: {', '.join(SESSION_ALLOCATORS)}")
+    return name
+
+
+def make_allocator(name: str, tokens: int, sink: int = 0, recent: int = 0, wrapper: str | None = None,
+                   budgets: Sequence[int] = ()) -> BudgetAllocator:
+    """Builds a per-layer allocator by BudgetSpec name ("" = uniform); InvalidArgument names the field.
 
     `sink` and `recent` are the session's resolved protected tokens; `wrapper` the policy's
-    wrapper name (None: not checked yet, as before the policy is resolved).
+    wrapper name (None: not checked yet, as before the policy is resolved); `budgets` epicache's
+    per-layer budgets (from the session's profile).
     """
     if tokens <= 0:
         raise InvalidArgument("budget.tokens", f"must be > 0, got {tokens}")
-    try:
-        cls = ALLOCATORS[name or Uniform.name]
-    except KeyError:
-        raise InvalidArgument("budget.allocator", f"unknown allocator {name!r}; known: {', '.join(ALLOCATORS)}") from None
+    name = check_allocator_name(name)
+    if name in PER_HEAD_ALLOCATORS:
+        raise InvalidArgument("budget.allocator", f"{name} gives every KV head its own budget: a per-head session")
+    cls = ALLOCATORS.get(name) or PROFILE_ALLOCATORS[name]
+    if cls is EpiCache:
+        return EpiCache(tokens, sink=sink, recent=recent, budgets=tuple(int(b) for b in budgets))
     if cls.wrappers is not None and wrapper is not None and wrapper not in cls.wrappers:
         raise InvalidArgument(
             "budget.allocator",

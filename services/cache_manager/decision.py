@@ -48,20 +48,30 @@ class DecisionStats:
     # does not, so the decision does not gather them).
     evicted_errors: Callable[[], tuple[np.ndarray, ...]] | None = field(default=None, repr=False, compare=False)
     seconds: float = 0.0  # validation + decision (set by the report step)
+    # Per-head sessions (kvevict.cache_manager.per_head): tokens decided on and kept per (layer,
+    # KV head), (layers, heads), and every head's budget / BudgetSpec.tokens, row-major. There,
+    # cache_lengths are the layers' totals over heads and layer_budgets the mean per KV head.
+    head_lengths: np.ndarray | None = field(default=None, repr=False, compare=False)
+    head_kept: np.ndarray | None = field(default=None, repr=False, compare=False)
+    head_budget_ratios: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def evicted_output_errors(self) -> tuple[np.ndarray, ...]:
         """CAOTE-wrapped policies only (caote, fastcaote): per layer that evicted, the
         output-error scores of the evicted tokens (kv_heads, evicted per head), each head's in no
-        particular order; empty for other policies."""
+        particular order (per-head sessions: one 1-D array of them all); empty for other policies."""
         return () if self.evicted_errors is None else tuple(self.evicted_errors())
 
     @property
     def evaluated_per_layer(self) -> np.ndarray:
+        if self.head_lengths is not None:
+            return self.head_lengths.sum(axis=1)
         return np.asarray(self.cache_lengths, dtype=np.int64) * self.num_kv_heads
 
     @property
     def kept_per_layer(self) -> np.ndarray:
+        if self.head_kept is not None:
+            return self.head_kept.sum(axis=1)
         lengths = np.asarray(self.cache_lengths, dtype=np.int64)
         return np.minimum(lengths, np.asarray(self.layer_budgets, dtype=np.int64)) * self.num_kv_heads
 

@@ -23,6 +23,9 @@ grows by exactly the responses' evicted_tokens (= num_kv_heads x the worker's pe
     kvevict_manager_layer_budget_tokens{layer}        gauge      budget per KV head of the latest decision
     kvevict_manager_evicted_caote_error               histogram  CAOTE score (output-error units) of every
                                                                  evicted token of caote/fastcaote sessions
+    kvevict_manager_head_budget_ratio                 histogram  per-head sessions (adahead, global, lukv):
+                                                                 every (layer, KV head)'s budget after a
+                                                                 decision / BudgetSpec.tokens (1 = uniform)
     kvevict_manager_decision_duration_seconds         histogram  validation + decision of a decided report
     kvevict_manager_report_payload_bytes              histogram  serialized size of every ReportBlock request
     kvevict_manager_redis_operation_duration_seconds{operation}  histogram  time talking to Redis per
@@ -60,6 +63,9 @@ REDIS_OPERATIONS = ("ping", "get", "create", "update", "delete", "count")
 DECISION_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
 PAYLOAD_BUCKETS = exponential_buckets(1024, 2, 17)  # 1 KiB .. 64 MiB (the default message limit)
 CAOTE_ERROR_BUCKETS = decade_buckets(-6, 1)  # 1e-6 .. 10, 1-2-5 per decade
+# A head's budget over the uniform one: floors hold it above ~0.2, a head taking much of its
+# layer reaches several times 1. 0.1 .. 10, eight buckets per decade (ratio 1.33).
+HEAD_BUDGET_RATIO_BUCKETS = tuple(float(f"{10 ** (k / 8):.4g}") for k in range(-8, 9))
 REDIS_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 RPC_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -106,8 +112,12 @@ class ManagerMetrics:
             "kvevict_manager_evicted_caote_error",
             "CAOTE score (attention-output error units) of every token evicted by a caote/fastcaote session",
             CAOTE_ERROR_BUCKETS)
+        self.head_budget_ratio = ArrayHistogram(
+            "kvevict_manager_head_budget_ratio",
+            "Budget of every (layer, KV head) of a per-head session after a decision, over BudgetSpec.tokens",
+            HEAD_BUDGET_RATIO_BUCKETS)
         for collector in (self.tokens_evaluated, self.tokens_evicted, self.tokens_kept, self.layer_budget,
-                          self.caote_error):
+                          self.caote_error, self.head_budget_ratio):
             registry.register(collector)
         self.decision_seconds = Histogram("kvevict_manager_decision_duration_seconds",
                                           "Validation and decision of one report (store time excluded)",
@@ -157,6 +167,8 @@ class ManagerMetrics:
         self.tokens_evicted.add(decision.evicted_per_layer)
         self.tokens_kept.add(decision.kept_per_layer)
         self.layer_budget.set(decision.layer_budgets)
+        if decision.head_budget_ratios is not None:
+            self.head_budget_ratio.add(decision.head_budget_ratios)
         if digested is None:
             digested = self.digest(decision)
         if digested is not None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from kvevict.cache_manager.budgets import ALLOCATORS
+from kvevict.cache_manager.budgets import ALLOCATORS, PER_HEAD_ALLOCATORS, PROFILE_ALLOCATORS
+from kvevict.cache_manager.head_budgets import ADAHEAD_ALPHA, EPICACHE_FLOOR_FRACTION, HEAD_ALLOCATORS
 from kvevict.cache_manager.policies import BASE_POLICIES
 from kvevict.cache_manager.statistics import VALUE_DEV_MEAN, StatisticRequirement
 from kvevict.cache_manager.wrappers import WRAPPERS
@@ -54,11 +55,21 @@ def describe_policies() -> list[ComponentInfo]:
     added = {"none": (), "caote": ("value_dev_excluded(the base's reference weights)",), "fastcaote": (StatisticRequirement(VALUE_DEV_MEAN).name,)}
     for name, cls in WRAPPERS.items():
         out.append(ComponentInfo(kind="wrapper", name=name, description=cls.description, statistics=added[name]))
+    tokens = OptionInfo("tokens", "required (> 0)", "average tokens kept per KV head per layer")
+    profile = OptionInfo("profile", "required", "head profile JSON written by `kvevict profile` (at most 1 MiB), "
+                                                "of the session's num_layers and num_kv_heads")
     for name, cls in ALLOCATORS.items():
-        out.append(ComponentInfo(
-            kind="allocator", name=name, description=cls.description,
-            options=(OptionInfo("tokens", "required (> 0)", "average tokens kept per KV head per layer"),),
-        ))
+        out.append(ComponentInfo(kind="allocator", name=name, description=cls.description, options=(tokens,)))
+    for name, cls in PROFILE_ALLOCATORS.items():
+        floor = OptionInfo("floor", str(EPICACHE_FLOOR_FRACTION), "each layer keeps at least floor x tokens")
+        out.append(ComponentInfo(kind="allocator", name=name, description=cls.description,
+                                 options=(tokens, floor, profile)))
+    head_floor = OptionInfo("floor", str(ADAHEAD_ALPHA), "each KV head keeps at least round(floor x tokens)")
+    for name in PER_HEAD_ALLOCATORS:
+        info = HEAD_ALLOCATORS[name]
+        options = (tokens, head_floor, profile) if info.needs_profile else (tokens, head_floor)
+        out.append(ComponentInfo(kind="allocator", name=name, description=f"per KV head: {info.description}",
+                                 options=options))
     return out
 
 

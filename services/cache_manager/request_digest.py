@@ -2,7 +2,8 @@
 its request (transitions.ReportStep).
 
 SHA-256 over every field of the ReportBlockRequest (session id, sequence, phase, positions,
-each layer's number, cache length and tensors' dtype, shape and length) and, for each statistics
+each layer's number, cache length and tensors' dtype, shape and length, and the layers' head
+lengths where a per-head session's report gives them) and, for each statistics
 tensor, a 64-bit mixed sum of its data: `sum_i mix(w_i + (i + seed) * golden)` over its 64-bit
 words `w_i` (mix: splitmix64's finaliser, a bijection; seed: the tensor's place in the request;
 the last < 8 bytes go to SHA-256 as they are). SHA-256 over the whole request costs 2.5 ms on a
@@ -91,6 +92,11 @@ def report_digest(request: pb.ReportBlockRequest, statistics: Sequence[Sequence[
             data = statistics[k][index] if statistics is not None else tensor.data
             numbers += (tensor.dtype, len(tensor.shape), *tensor.shape, len(data))
             buffers.append(data)
+    # Per-head reports' head lengths, each layer's list led by its length, after everything else
+    # (self-delimiting): a report without any (every rectangular one) hashes as it always did.
+    if any(layer.head_lengths for layer in request.layers):
+        for layer in request.layers:
+            numbers += (len(layer.head_lengths), *layer.head_lengths)
     head = hashlib.sha256(session)
     head.update(np.array(numbers, dtype=np.uint64).tobytes())  # uint64: a sequence may use all 64 bits
     head.update(positions.data)

@@ -48,11 +48,13 @@ class ManagerCore:
         self.store.create(state)
         return response
 
-    def adopt_session(self, request: pb.OpenSessionRequest, positions: Sequence[np.ndarray]) -> pb.OpenSessionResponse:
+    def adopt_session(self, request: pb.OpenSessionRequest,
+                      positions: Sequence[np.ndarray] | Sequence[Sequence[np.ndarray]]) -> pb.OpenSessionResponse:
         """Opens a session over the worker's current cache (fail-open from a remote manager).
 
         `positions[l]`: layer l's (num_kv_heads, L_l) integer array of cached absolute positions,
-        in cache order. The new session (new id, sequence numbers from 1 again) tracks exactly
+        in cache order; per-head sessions (adahead, global, lukv): a sequence of num_kv_heads
+        1-D integer arrays, each head's positions in cache order. The new session (new id, sequence numbers from 1 again) tracks exactly
         these tokens; its accumulators start at zero (see transitions.adopt_session).
         InvalidArgument names the offending field (`positions[3].shape`, `policy.base`...).
         """

@@ -30,6 +30,9 @@ from kvevict.cache_manager.settings import SessionSettings
 R = TypeVar("R")
 
 _MAGIC = b"KVST1"
+# Per-head sessions' states (one array per (layer, KV head), head budgets): a reader that only
+# knows KVST1 refuses them instead of misreading them. Rectangular states stay KVST1, unchanged.
+_MAGIC_PER_HEAD = b"KVST2"
 _HEADER = struct.Struct("<I")
 # Scalar fields stored in the JSON header.
 _META = ("session_id", "layer_budgets", "last_sequence", "last_position", "reports", "evicted_tokens", "owner",
@@ -54,11 +57,15 @@ class SessionState:
 
     session_id: str
     settings: SessionSettings
+    # Per layer: tokens per KV head (per-head sessions: the total over the layer's KV heads).
     layer_budgets: tuple[int, ...]
     # Per layer (num_kv_heads, cache_length) int32: absolute position of every cached token.
     # Decisions and from_bytes store them as a batch.LayerStack (views of one flat buffer).
+    # Per-head sessions (settings.per_head): one (1, length) array per (layer, KV head), layer
+    # major (entry layer x num_kv_heads + head), each head's own length.
     positions: tuple[np.ndarray, ...]
     # Per layer (num_kv_heads, cache_length) float32 for accumulating policies (H2O); else empty.
+    # Per-head sessions: one (1, length) array per (layer, KV head), as `positions`.
     accumulators: tuple[np.ndarray, ...] = ()
     last_sequence: int = 0
     last_position: int = -1  # highest position reported so far
@@ -70,15 +77,19 @@ class SessionState:
     owner: str = ""
     # Hex SHA-256 of last_sequence's request: a retry must repeat that request exactly.
     last_request_digest: str = ""
+    # Per-head sessions: budget per (layer, KV head), row-major; empty otherwise.
+    head_budgets: tuple[int, ...] = ()
 
     @classmethod
     def new(cls, session_id: str, settings: SessionSettings, layer_budgets: list[int], accumulates: bool,
-            owner: str = "") -> SessionState:
+            owner: str = "", head_budgets: Sequence[int] = ()) -> SessionState:
         heads = settings.geometry.num_kv_heads
         layers = settings.geometry.num_layers
+        # Per-head sessions: one single-row array per (layer, head).
+        rows, count = (1, layers * heads) if settings.per_head else (heads, layers)
 
         def empty(dtype: type) -> LayerStack:
-            return LayerStack([_frozen(np.zeros((heads, 0), dtype)) for _ in range(layers)], _frozen(np.zeros(0, dtype)))
+            return LayerStack([_frozen(np.zeros((rows, 0), dtype)) for _ in range(count)], _frozen(np.zeros(0, dtype)))
 
         return cls(
             session_id=session_id,
@@ -87,11 +98,23 @@ class SessionState:
             positions=empty(np.int32),
             accumulators=empty(np.float32) if accumulates else (),
             owner=owner,
+            head_budgets=tuple(int(b) for b in head_budgets),
         )
 
     @property
     def cache_lengths(self) -> list[int]:
+        """Per layer: tokens per KV head (per-head sessions: the total over the layer's heads)."""
+        if self.settings.per_head:
+            return self.head_cache_lengths.sum(axis=1).tolist()
         return [p.shape[1] for p in self.positions]
+
+    @property
+    def head_cache_lengths(self) -> np.ndarray:
+        """Per-head sessions: tokens tracked per (layer, KV head), int64 (layers, heads)."""
+        geometry = self.settings.geometry
+        lengths = np.fromiter((p.shape[1] for p in self.positions), dtype=np.int64, count=len(self.positions))
+        return lengths.reshape(geometry.num_layers, -1) if self.settings.per_head else \
+            np.repeat(lengths[:, None], geometry.num_kv_heads, axis=1)
 
     @property
     def array_bytes(self) -> int:
@@ -110,21 +133,25 @@ class SessionState:
         (after `prefix`, if given: a store's own header, without another copy of the state)."""
         arrays = [(f"positions[{i}]", a) for i, a in enumerate(self.positions)]
         arrays += [(f"accumulators[{i}]", a) for i, a in enumerate(self.accumulators)]
+        meta = {key: getattr(self, key) for key in _META}
+        if self.settings.per_head:
+            meta["head_budgets"] = self.head_budgets
         header = {
-            "meta": {key: getattr(self, key) for key in _META},
+            "meta": meta,
             "settings": self.settings.to_dict(),
             "arrays": [[name, a.dtype.str, list(a.shape)] for name, a in arrays],
             "last_response": len(self.last_response),
         }
         head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
         blobs = [np.ascontiguousarray(a).data for _, a in arrays]
-        return b"".join([prefix, _MAGIC, _HEADER.pack(len(head)), head, self.last_response, *blobs])
+        magic = _MAGIC_PER_HEAD if self.settings.per_head else _MAGIC
+        return b"".join([prefix, magic, _HEADER.pack(len(head)), head, self.last_response, *blobs])
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> SessionState:
         """Decodes to_bytes() output (any bytes-like object); arrays are read-only views of it."""
         buffer = memoryview(data)
-        if bytes(buffer[: len(_MAGIC)]) != _MAGIC:
+        if bytes(buffer[: len(_MAGIC)]) not in (_MAGIC, _MAGIC_PER_HEAD):
             raise ValueError("not a kvevict session state")
         offset = len(_MAGIC)
         (head_len,) = _HEADER.unpack_from(buffer, offset)
@@ -156,6 +183,8 @@ class SessionState:
             stacks[kind] = tuple(layers)
         meta = header["meta"]
         meta["layer_budgets"] = tuple(meta["layer_budgets"])
+        if "head_budgets" in meta:
+            meta["head_budgets"] = tuple(meta["head_budgets"])
         return cls(
             settings=SessionSettings.from_dict(header["settings"]),
             positions=stacks["positions"],

@@ -16,12 +16,13 @@ import numpy as np
 
 from kvevict.cache_manager.decision import DecisionStats, decide
 from kvevict.cache_manager.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from kvevict.cache_manager.per_head import decide_per_head, initial_head_budgets, layer_totals
 from kvevict.cache_manager.policies import make_base
 from kvevict.cache_manager.registry import describe_policies
 from kvevict.cache_manager.request_digest import report_digest
 from kvevict.cache_manager.settings import SessionSettings, settings_from_request
 from kvevict.cache_manager.state import SessionState, Transition
-from kvevict.cache_manager.validation import MAX_POSITION, validate_report
+from kvevict.cache_manager.validation import MAX_POSITION, validate_per_head_report, validate_report
 from kvevict.v1 import cache_manager_pb2 as pb
 
 # Session ids are 32 hex digits; anything longer is not one of ours (and would make a large key).
@@ -52,16 +53,25 @@ def open_session(request: pb.OpenSessionRequest, session_id: str, owner: str = "
     exceed the cap is refused (ResourceExhausted naming the cap)."""
     settings = settings_from_request(request)
     policy = settings.policy()
-    budgets = settings.allocator().initial_budgets(settings.geometry)
+    head_budgets: list[int] = []
+    if settings.per_head:
+        head_budgets = initial_head_budgets(settings)
+        budgets = layer_totals(head_budgets, settings.geometry.num_kv_heads)
+    else:
+        budgets = settings.allocator().initial_budgets(settings.geometry)
     if max_state_bytes:
         check_state_bytes(_bytes_at_budget(settings, budgets, policy.accumulates), max_state_bytes, "budget.tokens")
-    state = SessionState.new(session_id, settings, budgets, policy.accumulates, owner=owner)
+    state = SessionState.new(session_id, settings, budgets, policy.accumulates, owner=owner, head_budgets=head_budgets)
     return _opened(state, policy.accumulates), state
 
 
 def _bytes_at_budget(settings: SessionSettings, budgets: Sequence[int], accumulates: bool) -> int:
-    """The tracked arrays' bytes of a session holding its budget plus one block per layer."""
-    tokens = (sum(budgets) + settings.block_size * settings.geometry.num_layers) * settings.geometry.num_kv_heads
+    """The tracked arrays' bytes of a session holding its budget plus one block per layer (per
+    KV head: every head caches the block). Per-head sessions' `budgets` are the layers' totals
+    over heads, which stay at most the total of tokens x heads whatever the heads' shares."""
+    heads = settings.geometry.num_kv_heads
+    per_layer = sum(budgets) if settings.per_head else sum(budgets) * heads
+    tokens = per_layer + settings.block_size * settings.geometry.num_layers * heads
     return tokens * (8 if accumulates else 4)  # int32 positions (+ float32 accumulators)
 
 
@@ -72,28 +82,52 @@ def check_state_bytes(size: int, limit: int, field: str) -> None:
 
 
 def adopt_session(
-    request: pb.OpenSessionRequest, positions: Sequence[np.ndarray], session_id: str, owner: str = ""
+    request: pb.OpenSessionRequest, positions: Sequence[np.ndarray] | Sequence[Sequence[np.ndarray]],
+    session_id: str, owner: str = ""
 ) -> tuple[pb.OpenSessionResponse, SessionState]:
     """A new session that starts from a worker's existing cache instead of an empty one.
 
     `positions[l]` is layer l's (num_kv_heads, L_l) integer array of the absolute positions the
-    worker caches, each head's row in cache order (strictly increasing). The session's last
-    position is their maximum, its sequence numbers start again at 1, and accumulators (H2O)
-    start at zero for every cached token: an approximation, since the scores they had
-    accumulated at the remote manager are lost. Everything else is as after OpenSession.
+    worker caches, each head's row in cache order (strictly increasing). Per-head sessions
+    (allocators adahead, global, lukv): `positions[l]` is a sequence of num_kv_heads 1-D integer
+    arrays, head h's positions in cache order, each head its own length (a (num_kv_heads, L)
+    array is such a sequence too). The session's last position is their maximum, its sequence
+    numbers start again at 1, and accumulators (H2O) start at zero for every cached token: an
+    approximation, since the scores they had accumulated at the remote manager are lost.
+    Everything else is as after OpenSession (per-head sessions: every head's budget `tokens`).
     """
     response, state = open_session(request, session_id, owner)
     geometry = state.settings.geometry
     if len(positions) != geometry.num_layers:
         raise InvalidArgument("positions", f"expected {geometry.num_layers} layers, got {len(positions)}")
-    adopted = [_adopted_layer(np.asarray(p), i, geometry.num_kv_heads) for i, p in enumerate(positions)]
+    if state.settings.per_head:
+        adopted = [row for i, p in enumerate(positions) for row in _adopted_heads(p, i, geometry.num_kv_heads)]
+    else:
+        adopted = [_adopted_layer(np.asarray(p), i, geometry.num_kv_heads) for i, p in enumerate(positions)]
     last = max((int(p[:, -1].max()) for p in adopted if p.size), default=-1)
     accumulators = [np.zeros(p.shape, np.float32) for p in adopted] if state.accumulators else []
     return response, state.evolve(positions=adopted, accumulators=accumulators, last_position=last)
 
 
-def _adopted_layer(positions: np.ndarray, layer: int, heads: int) -> np.ndarray:
-    field = f"positions[{layer}]"
+def _adopted_heads(heads_positions: Sequence[np.ndarray], layer: int, heads: int) -> list[np.ndarray]:
+    """A per-head session's layer: its heads' 1-D positions as (1, L_h) int32 rows (checked)."""
+    if isinstance(heads_positions, np.ndarray) and heads_positions.ndim != 2:
+        raise InvalidArgument(f"positions[{layer}]", f"must be {heads} 1-D arrays (one per KV head), got an array "
+                                                     f"of shape {list(heads_positions.shape)}")
+    if len(heads_positions) != heads:
+        raise InvalidArgument(f"positions[{layer}]", f"expected {heads} KV heads, got {len(heads_positions)}")
+    rows = []
+    for head, row in enumerate(heads_positions):
+        row = np.asarray(row)
+        if row.ndim != 1:
+            raise InvalidArgument(f"positions[{layer}][{head}].shape", f"must be 1-D (cache_length,), got "
+                                                                       f"{list(row.shape)}")
+        rows.append(_adopted_layer(row[None, :], layer, 1, f"positions[{layer}][{head}]"))
+    return rows
+
+
+def _adopted_layer(positions: np.ndarray, layer: int, heads: int, field: str = "") -> np.ndarray:
+    field = field or f"positions[{layer}]"
     if positions.dtype.kind not in "iu":
         raise InvalidArgument(f"{field}.dtype", f"must be an integer array, got {positions.dtype}")
     if positions.ndim != 2 or positions.shape[0] != heads:
@@ -112,9 +146,13 @@ def _opened(state: SessionState, accumulates: bool) -> pb.OpenSessionResponse:
     return pb.OpenSessionResponse(
         session_id=state.session_id,
         statistics=[req.to_proto(settings.statistics_dtype) for req in settings.statistics],
-        report_every_block=accumulates,
+        # A per-head session's heads hold different counts: the worker cannot tell by itself
+        # when no head is over budget, so it reports every block.
+        report_every_block=accumulates or settings.per_head,
         layer_budgets=state.layer_budgets,
         statistics_dtype=settings.statistics_dtype,
+        per_head_budgets=settings.per_head,
+        head_budgets=state.head_budgets,
     )
 
 
@@ -165,10 +203,16 @@ class ReportStep:
             # The expected number stays out of the message: errors reveal no state.
             raise Aborted("sequence: out of order (each report's follows the last decided one, or repeats it to retry)")
         started = time.perf_counter()
-        report = validate_report(request, state)
-        if self._digest is None:  # from the bytes validation read, not read again
-            self._digest = report_digest(request, report.buffers)
-        response, next_state, decision = decide(state, report, sequence)
+        if state.settings.per_head:
+            per_head_report = validate_per_head_report(request, state)
+            if self._digest is None:
+                self._digest = report_digest(request)
+            response, next_state, decision = decide_per_head(state, per_head_report, sequence)
+        else:
+            report = validate_report(request, state)
+            if self._digest is None:  # from the bytes validation read, not read again
+                self._digest = report_digest(request, report.buffers)
+            response, next_state, decision = decide(state, report, sequence)
         if self.max_state_bytes:
             check_state_bytes(next_state.array_bytes, self.max_state_bytes, "layers")
         next_state = next_state.evolve(last_request_digest=self._digest)
@@ -185,11 +229,15 @@ def close_response(state: SessionState) -> pb.CloseSessionResponse:
 def session_response(state: SessionState) -> pb.GetSessionResponse:
     """GetSession's answer: settings (defaults resolved), counters, budgets and tracked lengths."""
     settings = state.settings
-    return pb.GetSessionResponse(
+    # The budget as opened, its floor resolved; the profile itself is not echoed (up to 1 MiB).
+    budget = pb.BudgetSpec(tokens=settings.budget_tokens, allocator=settings.allocator_name)
+    if settings.floor is not None:
+        budget.floor = settings.floor
+    response = pb.GetSessionResponse(
         session_id=state.session_id,
         geometry=settings.geometry.to_proto(),
         policy=_policy_spec(settings),
-        budget=pb.BudgetSpec(tokens=settings.budget_tokens, allocator=settings.allocator_name),
+        budget=budget,
         block_size=settings.block_size,
         reports=state.reports,
         last_sequence=state.last_sequence,
@@ -197,6 +245,10 @@ def session_response(state: SessionState) -> pb.GetSessionResponse:
         layer_budgets=state.layer_budgets,
         cache_lengths=state.cache_lengths,
     )
+    if settings.per_head:
+        response.head_budgets[:] = state.head_budgets
+        response.head_cache_lengths[:] = state.head_cache_lengths.ravel().tolist()
+    return response
 
 
 def _policy_spec(settings: SessionSettings) -> pb.PolicySpec:

@@ -89,6 +89,65 @@ def decode(tensor: tensor_pb2.Tensor, field: str) -> np.ndarray:
         raise InvalidArgument(error.field, str(error).removeprefix(f"{error.field}: ")) from error
 
 
+@dataclass(frozen=True)
+class PerHeadReport:
+    """A per-head session's report, checked and decoded (kvevict.cache_manager.per_head)."""
+
+    phase: int
+    positions: np.ndarray  # (new_tokens,) int64, strictly increasing, after every tracked position
+    head_lengths: np.ndarray  # (layers, heads) int64: each head's tokens, the new ones included
+    # Statistic -> per layer its (sum of the layer's head_lengths,) float32 values, head after head.
+    values: dict[StatisticRequirement, tuple[np.ndarray, ...]]
+
+
+def validate_per_head_report(request: pb.ReportBlockRequest, state: SessionState) -> PerHeadReport:
+    """validate_report for a per-head session: every layer's head_lengths (each head's tracked
+    tokens + the new ones), cache_length (their sum) and its statistics of shape (cache_length,),
+    with the same dtype, finiteness and sign checks, field by field."""
+    if request.phase not in PHASES:
+        raise InvalidArgument("phase", f"must be PHASE_PREFILL or PHASE_DECODE, got {request.phase}")
+    positions = _positions(request, state.last_position)
+    settings = state.settings
+    geometry = settings.geometry
+    if len(request.layers) != geometry.num_layers:
+        raise InvalidArgument("layers", f"expected {geometry.num_layers} layers, got {len(request.layers)}")
+    heads = geometry.num_kv_heads
+    expected = state.head_cache_lengths + len(positions)
+    values: dict[StatisticRequirement, list[np.ndarray]] = {req: [] for req in settings.statistics}
+    for index, layer in enumerate(request.layers):
+        field = f"layers[{index}]"
+        if layer.layer != index:
+            raise InvalidArgument(f"{field}.layer", f"layers must come in order: expected {index}, got {layer.layer}")
+        if len(layer.head_lengths) != heads:
+            raise InvalidArgument(f"{field}.head_lengths", f"expected {heads} entries (one per KV head), got "
+                                                           f"{len(layer.head_lengths)}")
+        lengths = np.asarray(layer.head_lengths, dtype=np.int64)
+        wrong = np.flatnonzero(lengths != expected[index])
+        if wrong.size:
+            # The session's own lengths stay out of the message: errors reveal no state.
+            raise InvalidArgument(f"{field}.head_lengths", f"head {int(wrong[0])}: got {int(lengths[wrong[0]])}, which "
+                                  f"is not the session's cached tokens of that head + the {len(positions)} new ones")
+        total = int(lengths.sum())
+        if layer.cache_length != total:
+            raise InvalidArgument(f"{field}.cache_length", f"got {layer.cache_length}, must be the sum of head_lengths "
+                                                           f"({total})")
+        if len(layer.values) != len(settings.statistics):
+            raise InvalidArgument(f"{field}.values", f"expected {len(settings.statistics)} tensors (one per negotiated "
+                                                     f"statistic), got {len(layer.values)}")
+        for k, (requirement, tensor) in enumerate(zip(settings.statistics, layer.values)):
+            values[requirement].append(_statistic(tensor, f"{field}.values[{k}]", requirement,
+                                                  settings.statistics_dtype, (total,)))
+    return PerHeadReport(request.phase, positions, expected,
+                         {req: tuple(layers) for req, layers in values.items()})
+
+
+def _refuse_head_lengths(request: pb.ReportBlockRequest) -> None:
+    for index, layer in enumerate(request.layers):
+        if layer.head_lengths:
+            raise InvalidArgument(f"layers[{index}].head_lengths", "only per-head sessions report head lengths; "
+                                                                   "this session's heads share one cache length")
+
+
 def validate_report(request: pb.ReportBlockRequest, state: SessionState) -> ValidatedReport:
     """Validates everything but the session id and sequence number (the service checks those)."""
     if request.phase not in PHASES:
@@ -97,6 +156,7 @@ def validate_report(request: pb.ReportBlockRequest, state: SessionState) -> Vali
     settings = state.settings
     if len(request.layers) != settings.geometry.num_layers:
         raise InvalidArgument("layers", f"expected {settings.geometry.num_layers} layers, got {len(request.layers)}")
+    _refuse_head_lengths(request)
     dropped = tuple(_dropped(state.positions[i], positions, window)
                     for i, window in enumerate(settings.geometry.sliding_windows))
     tracked = state.cache_lengths
@@ -206,22 +266,25 @@ def _layer(
     if len(layer.values) != len(settings.statistics):
         raise InvalidArgument(f"{field}.values", f"expected {len(settings.statistics)} tensors (one per negotiated statistic), got {len(layer.values)}")
     shape = (settings.geometry.num_kv_heads, expected_length)
-    statistics = {}
-    for k, (requirement, tensor) in enumerate(zip(settings.statistics, layer.values)):
-        name = f"{field}.values[{k}]"
-        dtype = requirement.wire_dtype(settings.statistics_dtype)
-        if tensor.dtype != dtype:
-            raise InvalidArgument(
-                f"{name}.dtype", f"{requirement.name} must be {wire.dtype_name(dtype)}, got {wire.dtype_name(tensor.dtype)}"
-            )
-        if tuple(tensor.shape) != shape:
-            raise InvalidArgument(f"{name}.shape", f"{requirement.name} must have shape {list(shape)}, got {list(tensor.shape)}")
-        values = np.asarray(decode(tensor, name), dtype=np.float32)
-        # Two reductions instead of elementwise masks: NaN propagates into min and max.
-        low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
-        if not (np.isfinite(low) and np.isfinite(high)):
-            raise InvalidArgument(name, f"{requirement.name} holds NaN or Inf")
-        if requirement.non_negative and low < 0:
-            raise InvalidArgument(name, f"{requirement.name} must be non-negative")
-        statistics[requirement] = values
-    return statistics
+    return {requirement: _statistic(tensor, f"{field}.values[{k}]", requirement, settings.statistics_dtype, shape)
+            for k, (requirement, tensor) in enumerate(zip(settings.statistics, layer.values))}
+
+
+def _statistic(tensor: tensor_pb2.Tensor, name: str, requirement: StatisticRequirement, statistics_dtype: int,
+               shape: tuple[int, ...]) -> np.ndarray:
+    """One statistics tensor checked (dtype, shape, finite, sign) and decoded to float32."""
+    dtype = requirement.wire_dtype(statistics_dtype)
+    if tensor.dtype != dtype:
+        raise InvalidArgument(
+            f"{name}.dtype", f"{requirement.name} must be {wire.dtype_name(dtype)}, got {wire.dtype_name(tensor.dtype)}"
+        )
+    if tuple(tensor.shape) != shape:
+        raise InvalidArgument(f"{name}.shape", f"{requirement.name} must have shape {list(shape)}, got {list(tensor.shape)}")
+    values = np.asarray(decode(tensor, name), dtype=np.float32)
+    # Two reductions instead of elementwise masks: NaN propagates into min and max.
+    low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise InvalidArgument(name, f"{requirement.name} holds NaN or Inf")
+    if requirement.non_negative and low < 0:
+        raise InvalidArgument(name, f"{requirement.name} must be non-negative")
+    return values
