@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import TypeVar
 
 from kvevict import defaults
@@ -31,7 +32,14 @@ def add_eviction_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=int, default=defaults.BUDGET_TOKENS,
                         help="tokens kept per KV head per layer, on average (default: %(default)s)")
     parser.add_argument("--allocator", default=defaults.ALLOCATOR,
-                        help="per-layer budget allocator: uniform, pyramid or adaptive (default: %(default)s)")
+                        help="budget allocator: per layer uniform, pyramid, adaptive or epicache; per KV head "
+                             "adahead, global or lukv (each head keeps its own count, freed for real); "
+                             "see `kvevict policies` (default: %(default)s)")
+    parser.add_argument("--head-floor", type=float, default=None,
+                        help="floor as a fraction of --budget: per-head allocators keep at least floor x budget "
+                             "tokens in every KV head (default 0.2), epicache per layer (default 0.25)")
+    parser.add_argument("--head-profile", default=None, metavar="FILE",
+                        help="lukv and epicache: the file `kvevict profile` wrote for this model")
     parser.add_argument("--block-size", type=int, default=defaults.BLOCK_SIZE,
                         help="tokens per prefill block / decode report (default: %(default)s)")
     parser.add_argument("--sink", type=int, default=None, help="first tokens never evicted (default: the policy's)")
@@ -101,7 +109,18 @@ def policy_spec(args: argparse.Namespace) -> pb.PolicySpec:
 
 
 def budget_spec(args: argparse.Namespace) -> pb.BudgetSpec:
-    return pb.BudgetSpec(tokens=args.budget, allocator=args.allocator)
+    """--budget, --allocator, --head-floor and --head-profile (the file's bytes travel to the manager)."""
+    spec = pb.BudgetSpec(tokens=args.budget, allocator=args.allocator)
+    floor = getattr(args, "head_floor", None)
+    if floor is not None:
+        spec.floor = floor
+    profile = getattr(args, "head_profile", None)
+    if profile:
+        try:
+            spec.profile = Path(profile).read_bytes()
+        except OSError as error:
+            raise ValueError(f"--head-profile: cannot read {profile}: {error.strerror}") from None
+    return spec
 
 
 def statistics_dtype(args: argparse.Namespace) -> int:

@@ -41,16 +41,19 @@ def _settings(policy: str, budget: int, block: int, allocator: str = "uniform") 
     ("qwen2", "fastcaote+keydiff", "adaptive", 90, 16),
     ("gemma3", "caote+tova", "uniform", 80, 16),  # sliding-window layers
     ("mistral", "random", "uniform", 60, 1),  # every block one token
+    ("llama", "snapkv", "adahead", 100, 16),  # per-head budgets: a cache with a length per KV head
+    ("qwen2", "caote+h2o", "global", 90, 16),
 ])
 def test_generate_with_the_cache_equals_the_workers_generator(arch, policy, allocator, prompt_len, block):
     model, prompt, budget, new = _model(arch), _prompt(prompt_len), 24, 40
     with kvevict.EvictingCache(model, policy, budget, allocator=allocator, block_size=block) as cache:
         out = model.generate(prompt, past_key_values=cache, max_new_tokens=new, **GREEDY)
-        lengths, reports = cache.layer_lengths, cache.summary().reports
+        lengths, reports, heads = cache.layer_lengths, cache.summary().reports, cache.summary().final_head_lengths
     reference = EvictingGenerator(model, EmbeddedManagerClient(), _settings(policy, budget, block, allocator)).generate(
         prompt[0], new)
     assert out[0, prompt_len:].tolist() == reference.token_ids
     assert lengths == reference.summary.final_lengths
+    assert heads == reference.summary.final_head_lengths and (allocator in ("adahead", "global")) == bool(heads)
     assert reports == reference.summary.reports > 0
     assert model.config._attn_implementation != "kvevict"  # given back at close
 

@@ -14,6 +14,7 @@ from kvevict import wire
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
 from kvevict.worker.cache_session import CacheSession, EvictionSettings
+from kvevict.worker.manager_client import EmbeddedManagerClient
 from tests.tiny_models import tiny_config
 from tests.worker_doubles import masked_full_forward
 
@@ -194,3 +195,64 @@ def test_the_per_head_cache_frees_what_it_evicts():
         assert counts["full_cache_bytes"] == (64 + 8) * 2 * 3 * per_entry
     finally:
         session.close()
+
+
+def _generate(model, prompt: torch.Tensor, policy: str, budget: pb.BudgetSpec, steps: int = 12):
+    import kvevict
+    from kvevict.worker.generator import EvictingGenerator
+
+    settings = EvictionSettings(policy=kvevict.policy(policy).spec(), budget=budget, block_size=8)
+    return EvictingGenerator(model, EmbeddedManagerClient(), settings).generate(prompt, max_new_tokens=steps)
+
+
+@pytest.mark.parametrize("policy", ["h2o", "snapkv", "caote+snapkv"])
+def test_adahead_with_a_floor_of_the_whole_budget_is_the_uniform_allocator(policy):
+    """floor = 1: every head keeps exactly the budget, its own best tokens, as uniform does; the
+    per-head path (its cache, attention, statistics, the manager's per-head decision) must then
+    generate uniform's tokens and keep the same counts."""
+    model = _model()
+    prompt = torch.randint(3, 97, (45,), generator=torch.Generator().manual_seed(11))
+    uniform = _generate(model, prompt, policy, pb.BudgetSpec(tokens=12))
+    per_head = _generate(model, prompt, policy, pb.BudgetSpec(tokens=12, allocator="adahead", floor=1.0))
+    assert per_head.token_ids == uniform.token_ids
+    assert per_head.summary.final_head_lengths == [uniform.summary.final_lengths[0]] * 6
+    assert per_head.summary.final_lengths == uniform.summary.final_lengths
+
+
+def test_adahead_moves_budget_between_heads_and_frees_it():
+    model = _model()
+    prompt = torch.randint(3, 97, (64,), generator=torch.Generator().manual_seed(12))
+    result = _generate(model, prompt, "snapkv", pb.BudgetSpec(tokens=16, allocator="adahead"), steps=4)
+    heads = result.summary.final_head_lengths
+    assert len(heads) == 6 and len(set(heads)) > 1, heads  # the budgets really differ per head
+    for layer in range(3):  # each layer keeps its total: 2 heads x 16, plus the tokens since the last report
+        assert sum(heads[2 * layer: 2 * layer + 2]) == sum(heads[0:2])
+    assert min(heads) >= round(0.2 * 16)
+    assert result.summary.kept_kv_bytes == sum(heads) * 2 * 16 * 4
+    assert result.summary.kv_bytes <= 1.35 * result.summary.kept_kv_bytes
+
+
+def test_a_per_head_session_falls_back_in_process_with_its_heads_as_they_are():
+    """Fail-open: the manager is lost mid-generation; the in-process manager adopts each head's
+    own positions and the generation goes on (the per-head adoption path)."""
+    import kvevict
+    from kvevict.worker.generator import EvictingGenerator
+    from kvevict.worker.remote_manager import ManagerUnavailable
+
+    class LosesTheSession(EmbeddedManagerClient):
+        reports = 0
+
+        def report_block(self, request):
+            self.reports += 1
+            if self.reports == 6:
+                raise ManagerUnavailable("manager restarting")
+            return super().report_block(request)
+
+    model = _model()
+    prompt = torch.randint(3, 97, (64,), generator=torch.Generator().manual_seed(13))
+    settings = EvictionSettings(policy=kvevict.policy("snapkv").spec(),
+                                budget=pb.BudgetSpec(tokens=16, allocator="adahead"), block_size=8)
+    result = EvictingGenerator(model, LosesTheSession(), settings).generate(prompt, max_new_tokens=10)
+    assert result.summary.manager_fallback
+    assert len(result.token_ids) == 10
+    assert sum(result.summary.final_head_lengths) <= 3 * 2 * 16 + 6 * 8

@@ -561,7 +561,9 @@ class CacheSession:
         if reason in ("overloaded", "rejected_report"):  # reachable: give its session slot back now
             self._close_abandoned(self.manager, self.session_id)
         local = EmbeddedManagerClient()
-        adopted = local.core.adopt_session(self._open_request, [p.cpu().numpy() for p in tracked])
+        positions = ([[row.cpu().numpy() for row in heads] for heads in tracked] if self.per_head
+                     else [p.cpu().numpy() for p in tracked])
+        adopted = local.core.adopt_session(self._open_request, positions)
         self.manager, self.session_id, self._sequence = local, adopted.session_id, 1
         request.session_id, request.sequence = adopted.session_id, 1
         return self._timed_report(local, request)

@@ -97,9 +97,9 @@ class EvictingCache(DynamicCache):
     # -- what it holds ---------------------------------------------------------------------
     @property
     def layer_lengths(self) -> list[int]:
-        """Tokens held per KV head, per layer."""
-        cache = self._session.cache
-        return [cache.length(layer) for layer in range(cache.num_layers)]
+        """Tokens held per KV head, per layer (per-head allocators: the average over the layer's
+        heads, rounded down; `summary().final_head_lengths` has each head's)."""
+        return self._session.cache_counts()["final_lengths"]
 
     @property
     def layer_budgets(self) -> list[int]:
