@@ -169,6 +169,11 @@ def eviction() -> Dashboard:
               "Quantiles of a_j / (1 - a_j) * ||v_j - o|| over the evicted tokens: the attention-output change "
               "each eviction causes (output units, comparable across heads and layers).",
               quantiles(M + "evicted_caote_error", (0.5, 0.9, 0.99), mean=True), "short"),
+        Panel("Head budget / uniform budget",
+              "Per-head sessions (allocators adahead, global, lukv): quantiles over every (layer, KV head) and "
+              "decision of the head's budget divided by BudgetSpec.tokens. 1 is the uniform share; the floor "
+              "holds the low end near 0.2, heads that collect their layer's budget reach several times 1.",
+              quantiles(M + "head_budget_ratio", (0.1, 0.5, 0.9)), "short"),
         row("Decisions"),
         Panel("Decision latency", "Time to decide one report, in process (not the network).",
               quantiles(M + "decision_duration_seconds", (0.5, 0.99), mean=True), "s"),
