@@ -172,6 +172,31 @@ def _middle_ranks(middle: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def _best(value: np.ndarray, count: int, ties: Sequence[np.ndarray]) -> np.ndarray:
+    """Mask of the `count` best entries of `value`: higher first, equal values ordered by the
+    `ties` keys (most significant first, lower wins). The same set as a full lexsort's first
+    `count`, in O(n): a partition finds the count-th largest value and only the entries equal to
+    it are sorted."""
+    size = value.size
+    mask = np.zeros(size, dtype=bool)
+    if count <= 0:
+        return mask
+    if count >= size:
+        mask[:] = True
+        return mask
+    threshold = np.partition(value, size - count)[size - count]
+    above = value > threshold
+    mask |= above
+    tied = np.flatnonzero(value == threshold)
+    need = count - int(np.count_nonzero(above))
+    if need == tied.size:
+        mask[tied] = True
+    else:
+        order = np.lexsort(tuple(key[tied] for key in reversed(ties)))  # lexsort: the last key leads
+        mask[tied[order[:need]]] = True
+    return mask
+
+
 def _check_rows(rows: Sequence[Sequence[np.ndarray]]) -> int:
     """Heads per layer of a ragged cache: per layer, one 1-D score row per KV head."""
     if not rows:
@@ -204,8 +229,10 @@ def _top_k_counts(rows: Sequence[Sequence[np.ndarray]], tokens: int, sink: int, 
                 if n <= sink + recent or floor >= n:
                     continue
                 middle = np.asarray(row, dtype=np.float64)[sink:n - recent]
-                # A head's floor takes its best middle tokens; the rest compete across heads.
-                column = np.flatnonzero(_middle_ranks(middle[None])[0] >= floor - protected_count(n, sink, recent))
+                # A head's floor takes its best middle tokens (ties: the more recent); the rest
+                # compete across heads.
+                columns_all = np.arange(middle.size)
+                column = np.flatnonzero(~_best(middle, floor - protected_count(n, sink, recent), [-columns_all]))
                 values.append(middle[column])
                 columns.append(column)
                 layer_ids.append(np.full(column.size, layer))
@@ -218,7 +245,7 @@ def _top_k_counts(rows: Sequence[Sequence[np.ndarray]], tokens: int, sink: int, 
         # Higher score first; ties: the more recent column, then the lower layer, then the lower head.
         # (Columns count from each head's first middle token, which is the same offset `sink` in
         # every head, so "more recent" compares cache columns even when the heads' lengths differ.)
-        chosen = np.lexsort((head_id, layer_id, -column, -value))[:extra]
+        chosen = _best(value, extra, [-column, layer_id, head_id])
         np.add.at(budgets, (layer_id[chosen], head_id[chosen]), 1)
     return budgets
 
@@ -345,7 +372,7 @@ def keep_masks_ragged(rows: Sequence[Sequence[np.ndarray]], budgets: np.ndarray,
             keep[max(length - recent, 0):] = True
             if length > sink + recent:
                 middle = np.asarray(row, dtype=np.float64)[sink:length - recent]
-                keep[sink:length - recent] = _middle_ranks(middle[None])[0] < free
+                keep[sink:length - recent] = _best(middle, free, [-np.arange(middle.size)])
             layer_masks.append(keep)
         masks.append(layer_masks)
     return masks
@@ -403,7 +430,8 @@ def _lengths_array(lengths: int | Sequence[int] | np.ndarray, layers: int, heads
     return array
 
 
-def lukv_gains(curves: np.ndarray, grid: np.ndarray, lengths: int | Sequence[int] | np.ndarray) -> list[np.ndarray]:
+def lukv_gains(curves: np.ndarray, grid: np.ndarray, lengths: int | Sequence[int] | np.ndarray,
+               hull: np.ndarray | None = None) -> list[np.ndarray]:
     """Marginal utility of each kept token, per (layer, head) flat in row-major order: entry b-1 of
     head (l, h) is what its b-th token adds, U(b / n) - U((b - 1) / n) on the head's concave hull
     U (linear between grid points), n its length. Non-increasing in b (the hull is concave; the
@@ -414,7 +442,8 @@ def lukv_gains(curves: np.ndarray, grid: np.ndarray, lengths: int | Sequence[int
     [[0.4, 0.4, 0.1, 0.1]]
     """
     layers, heads, _ = curves.shape
-    hull = concave_hull(grid, curves)
+    if hull is None:  # `hull`: concave_hull(grid, curves) computed once by the caller
+        hull = concave_hull(grid, curves)
     lengths = _lengths_array(lengths, layers, heads)
     gains = []
     for layer in range(layers):
@@ -429,7 +458,8 @@ def lukv_gains(curves: np.ndarray, grid: np.ndarray, lengths: int | Sequence[int
 
 
 def lukv_budgets(curves: np.ndarray, grid: np.ndarray, tokens: int, lengths: int | Sequence[int] | np.ndarray,
-                 sink: int = 0, recent: int = 0, alpha: float = ADAHEAD_ALPHA) -> np.ndarray:
+                 sink: int = 0, recent: int = 0, alpha: float = ADAHEAD_ALPHA,
+                 hull: np.ndarray | None = None) -> np.ndarray:
     """LU-KV's greedy marginal-utility budgets (layers, heads) under the total tokens x layers x
     heads (at most the tokens there are), from profiled curves (layers, heads, grid) of utility
     against the kept fraction of a head's cache (HeadProfile.curves).
@@ -439,6 +469,7 @@ def lukv_budgets(curves: np.ndarray, grid: np.ndarray, tokens: int, lengths: int
     greedy is optimal (the relaxed problem's optimum, LU-KV's Section on the convex-hull
     relaxation). Ties: the head with fewer tokens so far (equal gains spread evenly), then the
     lower layer, then the lower head. `lengths`: one per model, per layer, or per (layer, head).
+    `hull`, if given, is concave_hull(grid, curves) (a caller deciding often computes it once).
 
     >>> grid = np.array([0., .5, 1.])
     >>> curves = np.array([[[0., .9, 1.], [0., .5, 1.]]])  # head 0 concentrated, head 1 spread
@@ -457,7 +488,7 @@ def lukv_budgets(curves: np.ndarray, grid: np.ndarray, tokens: int, lengths: int
     budgets = floors.copy()
     if extra <= 0:
         return budgets
-    gains = lukv_gains(curves, grid, lengths)
+    gains = lukv_gains(curves, grid, lengths, hull)
     values, steps, heads_flat = [], [], []
     for flat, gain in enumerate(gains):
         floor = int(floors.flat[flat])
@@ -466,7 +497,7 @@ def lukv_budgets(curves: np.ndarray, grid: np.ndarray, tokens: int, lengths: int
         heads_flat.append(np.full(gain.size - floor, flat))
     value, step, head = (np.concatenate(a) for a in (values, steps, heads_flat))
     # Larger gain first; ties: fewer tokens so far, then the lower (layer, head).
-    chosen = np.lexsort((head, step, -value))[:extra]
+    chosen = _best(value, extra, [step, head])
     np.add.at(budgets.reshape(-1), head[chosen], 1)
     return budgets
 

@@ -52,7 +52,7 @@ def allocate(settings: SessionSettings, lengths: np.ndarray, rows: Sequence[Sequ
         return head_budgets.global_budgets_ragged(rows, tokens, sink, recent, alpha)
     assert name == "lukv", f"{name} is no per-head allocator"
     return head_budgets.lukv_budgets(settings.curves, np.asarray(settings.profile_grid), tokens, lengths, sink,
-                                     recent, alpha)
+                                     recent, alpha, hull=settings.hull)
 
 
 def decide_per_head(state: SessionState, report: PerHeadReport,

@@ -77,6 +77,11 @@ class SessionSettings:
         raw = base64.b64decode(self.profile_curves)
         return np.frombuffer(raw, dtype="<f8").reshape(layers, heads, len(self.profile_grid))
 
+    @cached_property
+    def hull(self) -> np.ndarray:
+        """lukv: head_budgets.concave_hull of the curves, computed once per settings object."""
+        return head_budgets.concave_hull(np.asarray(self.profile_grid), self.curves)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["statistics"] = [req.to_list() for req in self.statistics]
