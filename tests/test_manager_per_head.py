@@ -17,9 +17,10 @@ import pytest
 from kvevict import wire
 from kvevict.cache_manager import InMemoryStateStore, InvalidArgument, ManagerCore, SessionState
 from kvevict.cache_manager.errors import FailedPrecondition, ResourceExhausted
-from kvevict.cache_manager.head_budgets import HeadProfile
+from kvevict.cache_manager.head_budgets import HeadProfile, epicache_budgets
 from kvevict.cache_manager.metrics import ManagerMetrics
 from kvevict.cache_manager.policies import make_base
+from kvevict.cache_manager.redis_store import RedisStateStore
 from kvevict.cache_manager.registry import describe_policies
 from kvevict.cache_manager.service import AsyncManagerCore
 from kvevict.cache_manager.settings import MAX_PROFILE_BYTES
@@ -27,7 +28,7 @@ from kvevict.cache_manager.statistics import StatisticRequirement
 from kvevict.cache_manager.transitions import _bytes_at_budget, adopt_session, open_session, report_step
 from kvevict.v1 import cache_manager_pb2 as pb
 from kvevict.v1 import tensor_pb2
-from tests.test_manager_support import (on_the_wire, open_request, random_statistic, reference_caote,
+from tests.test_manager_support import (Session, on_the_wire, open_request, random_statistic, reference_caote,
                                         reference_max_pool)
 
 LAYERS, HEADS = 3, 2
@@ -193,9 +194,11 @@ class PerHeadSession:
     def id(self) -> str:
         return self.opened.session_id
 
-    def build(self, new_tokens: int, phase: int = pb.PHASE_PREFILL, weights: np.ndarray | None = None):
+    def build(self, new_tokens: int, phase: int = pb.PHASE_PREFILL, weights: np.ndarray | None = None,
+              scaled: tuple[int, ...] = ()):
         """The next report and, per layer and head, the decoded rows the manager will see;
-        `weights` (heads,) scales each head's attention statistics (one head dominating)."""
+        `weights` (heads,) scales each head's statistics of the kinds in `scaled` (one head
+        dominating)."""
         new = np.arange(self.next_position, self.next_position + new_tokens, dtype=np.int64)
         request = pb.ReportBlockRequest(session_id=self.id, sequence=self.sequence + 1, phase=phase,
                                         positions=wire.encode(new))
@@ -204,7 +207,7 @@ class PerHeadSession:
             lengths = self.lengths[layer] + new_tokens
             tensors, decoded = [], []
             for req in self.opened.statistics:
-                scale = np.ones(self.heads) if weights is None or req.statistic not in ATTENTION else weights
+                scale = weights if weights is not None and req.statistic in scaled else np.ones(self.heads)
                 values = np.concatenate([random_statistic(self.rng, req.statistic, (1, int(n)))[0] * w
                                          for n, w in zip(lengths, scale)])
                 tensor, seen = on_the_wire(values, req.dtype)
@@ -234,12 +237,12 @@ SCHEDULE = ((9, pb.PHASE_PREFILL), (8, pb.PHASE_PREFILL), (5, pb.PHASE_PREFILL))
 
 
 def run_against_reference(request: pb.OpenSessionRequest, seed: int = 0, schedule=SCHEDULE,
-                          weights: np.ndarray | None = None) -> PerHeadSession:
+                          weights: np.ndarray | None = None, scaled: tuple[int, ...] = ATTENTION) -> PerHeadSession:
     session = PerHeadSession(request, seed=seed)
     reference = Reference(request, session.opened)
     tokens = request.budget.tokens
     for new_tokens, phase in schedule:
-        report, new, rows = session.build(new_tokens, phase, weights)
+        report, new, rows = session.build(new_tokens, phase, weights, scaled)
         before = session.lengths + new_tokens
         response = session.core.report_block(report)
         masks = session.apply(report, response)
@@ -302,15 +305,9 @@ def test_the_floor_holds_a_head_that_scores_nothing(allocator: str) -> None:
     # Head 1's attention is a thousandth of head 0's: above the floor, head 0 takes everything.
     base = "laprox" if allocator == "global" else "h2o"
     request = per_head_request(base, "", allocator, budget=10, floor=0.5)
-    weights = np.array([1.0, 1e-3])
-    if allocator == "global":  # laprox scores its projected error: scale that instead
-        global ATTENTION
-        saved, ATTENTION = ATTENTION, (pb.STATISTIC_QUERY_PROJECTED_ERROR,)
-    try:
-        session = run_against_reference(request, seed=11, weights=weights)
-    finally:
-        if allocator == "global":
-            ATTENTION = saved
+    # laprox scores its projected error: scale that instead of the attention.
+    scaled = (pb.STATISTIC_QUERY_PROJECTED_ERROR,) if allocator == "global" else ATTENTION
+    session = run_against_reference(request, seed=11, weights=np.array([1.0, 1e-3]), scaled=scaled)
     assert session.lengths[:, 1].tolist() == [5] * LAYERS  # round(0.5 x 10), above the 3 protected
     if allocator == "adahead":
         assert session.lengths[:, 0].tolist() == [15] * LAYERS
@@ -443,7 +440,6 @@ def test_a_refused_report_leaves_the_state_as_it_was() -> None:
 def test_a_rectangular_session_refuses_head_lengths() -> None:
     core = ManagerCore(InMemoryStateStore())
     opened = core.open_session(open_request("h2o", budget=8, sink=1, recent=2))
-    from tests.test_manager_support import Session
     session = Session(core, opened, np.random.default_rng(0))
     report, _ = session.build(4)
     report.layers[2].head_lengths.extend([4, 4])
@@ -529,7 +525,6 @@ def test_a_rectangular_state_keeps_its_format() -> None:
 
 
 def test_redis_replicas_decide_byte_for_byte_as_the_embedded_manager(redis_server) -> None:
-    from kvevict.cache_manager.redis_store import RedisStateStore
     request = per_head_request("snapkv", "caote", "global")
     embedded = PerHeadSession(request, seed=6, core=ManagerCore(InMemoryStateStore(), new_session_id=lambda: "p1"))
 
@@ -565,7 +560,6 @@ def test_a_retried_sequence_returns_the_stored_answer() -> None:
     assert session.core.store.get(session.id).to_bytes() == state  # nothing decided again
     changed = pb.ReportBlockRequest()
     changed.CopyFrom(report)
-    changed.layers[0].head_lengths[:] = list(reversed(changed.layers[0].head_lengths)) + []
     changed.layers[0].head_lengths[0] += 1  # another request under the same number
     changed.layers[0].head_lengths[1] -= 1
     with pytest.raises(FailedPrecondition):
@@ -646,7 +640,6 @@ def test_epicache_sessions_keep_their_budgets_and_evict_rectangularly() -> None:
     profile = make_profile(layers=LAYERS, seed=4)
     request = per_head_request("h2o", allocator="epicache", budget=8, profile=profile_bytes(profile))
     core = ManagerCore(InMemoryStateStore())
-    from tests.test_manager_support import Session
     session = Session(core, core.open_session(request), np.random.default_rng(0), num_layers=LAYERS, heads=HEADS)
     expected = profile.epicache(8, sink=1, recent=2)[:, 0].tolist()
     for new_tokens in (20, 10, 1, 1):
@@ -662,7 +655,6 @@ def test_epicache_sessions_keep_their_budgets_and_evict_rectangularly() -> None:
 def test_epicache_takes_a_floor() -> None:
     profile = make_profile(layers=LAYERS, seed=5)
     request = per_head_request("h2o", allocator="epicache", budget=40, floor=0.5, profile=profile_bytes(profile))
-    from kvevict.cache_manager.head_budgets import epicache_budgets
     budgets = list(ManagerCore(InMemoryStateStore()).open_session(request).layer_budgets)
     assert budgets == epicache_budgets(profile.sensitivity, 40, HEADS, floor=20)[:, 0].tolist()
     assert min(budgets) >= 20
