@@ -131,3 +131,24 @@ def test_the_mixed_sum_depends_on_each_words_place_and_each_buffers() -> None:
     first, second = mixed_sums([data, swapped])
     assert first != second
     assert len(set(mixed_sums([data, data]).tolist())) == 2  # the same bytes elsewhere: another sum
+
+
+def test_head_lengths_count_where_they_stand() -> None:
+    """A per-head report's head lengths: moved between heads or layers, another digest; a
+    report without any hashes as one never had the field."""
+    request = report()
+    plain = report_digest(request)
+    variants = {}
+    for name, lengths in (("first", [[2, 3], [], []]), ("swapped", [[3, 2], [], []]),
+                          ("next layer", [[], [2, 3], []]), ("split", [[2], [3], []]), ("joined", [[23], [], []])):
+        changed = pb.ReportBlockRequest()
+        changed.CopyFrom(request)
+        for layer, heads in zip(changed.layers, lengths):
+            layer.head_lengths[:] = heads
+        variants[name] = report_digest(changed)
+    assert len(set(variants.values()) | {plain}) == len(variants) + 1
+    cleared = pb.ReportBlockRequest()
+    cleared.CopyFrom(request)
+    cleared.layers[0].head_lengths[:] = [1]
+    del cleared.layers[0].head_lengths[:]
+    assert report_digest(cleared) == plain
