@@ -48,7 +48,8 @@ def planned_jobs(args: argparse.Namespace, prompts: list[dict]) -> list[tuple[Jo
     else:
         per_prompt = configured_jobs(args.methods, args.allocators, args.protocols, args.kept, args.sink,
                                      full_cache=not args.skip_full_cache, lookahead=args.lookahead,
-                                     reconstruct=args.reconstruct, reconstruct_pool=args.reconstruct_pool)
+                                     reconstruct=args.reconstruct, reconstruct_pool=args.reconstruct_pool,
+                                     profile=args.head_profile.read_bytes() if args.head_profile else b"")
     return shard(per_record(per_prompt, prompts), *args.shard)
 
 
@@ -121,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     runner.add_argument("--out", type=Path, required=True, help="results CSV (appended, resumable)")
     runner.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     runner.add_argument("--allocators", nargs="+", default=["uniform"])
+    runner.add_argument("--head-profile", type=Path, default=None, metavar="FILE",
+                        help="the head profile (`kvevict profile`) the lukv and epicache allocators read")
     runner.add_argument("--kept", type=float, nargs="+", default=list(KEPT))
     runner.add_argument("--protocols", nargs="+", default=["question_agnostic"], choices=PROTOCOLS)
     runner.add_argument("--block-size", type=int, default=128)

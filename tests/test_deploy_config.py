@@ -43,6 +43,7 @@ DOCKER_COMPOSE = shutil.which("docker-compose")
 # The services' metric contract: name -> (type, labels). Base units, no per-session labels.
 CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "kvevict_manager_sessions_active": ("gauge", ()),
+    "kvevict_manager_head_budget_ratio": ("histogram", ()),
     "kvevict_manager_sessions_opened_total": ("counter", ()),
     "kvevict_manager_sessions_closed_total": ("counter", ()),
     "kvevict_manager_sessions_expired_total": ("counter", ()),

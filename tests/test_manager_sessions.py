@@ -145,7 +145,7 @@ def test_stored_state_is_immutable() -> None:
 def test_describe_policies_lists_every_component() -> None:
     infos = describe_policies()
     by_kind = {kind: [i.name for i in infos if i.kind == kind] for kind in ("base", "wrapper", "allocator")}
-    assert by_kind == {"base": list(BASE_POLICIES), "wrapper": ["none", "caote", "fastcaote"], "allocator": ["uniform", "pyramid", "adaptive"]}
+    assert by_kind == {"base": list(BASE_POLICIES), "wrapper": ["none", "caote", "fastcaote"], "allocator": ["uniform", "pyramid", "adaptive", "epicache", "adahead", "global", "lukv"]}
     snapkv = next(i for i in infos if i.name == "snapkv")
     assert {o.name: o.default for o in snapkv.options} == {
         "sink_tokens": "0", "recent_tokens": "min(window, budget // 2)", "window": "32", "pool_kernel": "7"}

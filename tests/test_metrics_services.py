@@ -49,6 +49,7 @@ SCORED = (eviction("keydiff", "fastcaote"), True)
 # Every metric of the contract, with its type (what the Grafana dashboards query).
 MANAGER_CONTRACT = {
     "kvevict_manager_sessions_active": "gauge",
+    "kvevict_manager_head_budget_ratio": "histogram",
     "kvevict_manager_sessions_opened_total": "counter",
     "kvevict_manager_sessions_closed_total": "counter",
     "kvevict_manager_sessions_expired_total": "counter",

@@ -14,7 +14,7 @@ as `kvevict generate` and the worker service run it. Two measurements:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -49,6 +49,8 @@ class EvictionConfig:
     reconstruct: int = 0
     reconstruct_pool: str = "max"
     repeat_prompt: RepeatPrompt | None = None
+    # lukv / epicache: the head profile's bytes (`kvevict profile`), sent with the budget.
+    profile: bytes = field(default=b"", repr=False)
 
     @property
     def name(self) -> str:
@@ -62,7 +64,8 @@ class EvictionConfig:
             policy.sink_tokens = self.sink
         if self.recent is not None:
             policy.recent_tokens = self.recent
-        return EvictionSettings(policy=policy, budget=pb.BudgetSpec(tokens=budget, allocator=self.allocator),
+        return EvictionSettings(policy=policy, budget=pb.BudgetSpec(tokens=budget, allocator=self.allocator,
+                                                                       profile=self.profile),
                                 block_size=block_size, lookahead=self.lookahead, reconstruct=self.reconstruct,
                                 reconstruct_pool=self.reconstruct_pool, repeat_prompt=self.repeat_prompt)
 

@@ -81,11 +81,16 @@ def method_name(method: str, allocator: str, sink: int | None = None, lookahead:
     return name
 
 
+# Allocators that read a head profile (BudgetSpec.profile): the others get none.
+PROFILED_ALLOCATORS = ("lukv", "epicache")
+
+
 def method_config(method: str, allocator: str = "uniform", sink: int | None = None, lookahead: int = 0,
-                  reconstruct: int = 0, reconstruct_pool: str = "max") -> EvictionConfig:
+                  reconstruct: int = 0, reconstruct_pool: str = "max", profile: bytes = b"") -> EvictionConfig:
     base, wrapper = parse_policy(method, "--methods")
     return EvictionConfig(base=base, wrapper=wrapper, allocator=allocator, sink=sink, lookahead=lookahead,
-                          reconstruct=reconstruct, reconstruct_pool=reconstruct_pool)
+                          reconstruct=reconstruct, reconstruct_pool=reconstruct_pool,
+                          profile=profile if allocator in PROFILED_ALLOCATORS else b"")
 
 
 def kvevict_jobs(kept: tuple[float, ...] = KEPT) -> list[Job]:

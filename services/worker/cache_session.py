@@ -481,7 +481,12 @@ class CacheSession:
         after the masks' length, all stay)."""
         self.cache.drop_leading(unseen)
         if self.per_head:
-            evicted = self._apply_head_keeps(response)
+            # The worker's evicted-tokens counter stays the sum of the summaries' evicted_per_layer:
+            # per layer, the change of its per-head average (rounded down as the summary rounds it).
+            heads, layers = self.cache.num_kv_heads, range(self.cache.num_layers)
+            before = [self.cache.evicted(layer) // heads for layer in layers]
+            self._apply_head_keeps(response)
+            evicted = sum(self.cache.evicted(layer) // heads - was for layer, was in zip(layers, before))
             self.head_budgets = list(response.head_budgets)
             if self.metrics is not None:
                 self.metrics.evicted(evicted)
