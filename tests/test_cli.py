@@ -48,6 +48,31 @@ def test_generate_prints_text_and_an_eviction_summary(checkpoint, tmp_path, caps
     assert re.search(r"KV cache: .* used vs .* full cache \((\d+\.\d)% saved", out)
 
 
+def test_generate_with_per_head_budgets_prints_every_heads_count(checkpoint, tmp_path, capsys):
+    prompt = tmp_path / "prompt.py"
+    prompt.write_text(TEXT * 6)
+    status = main(["generate", "--model", str(checkpoint), "--prompt-file", str(prompt), "--policy", "snapkv",
+                   "--allocator", "adahead", "--head-floor", "0.25", "--budget", "16", "--block-size", "8",
+                   "--max-new-tokens", "8", "--no-progress"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    heads = [[int(n) for n in row.split()] for row in re.findall(r"^\s+\d+: ([\d ]+)$", out, flags=re.M)]
+    assert len(heads) == 2 and all(len(row) == 2 and min(row) >= 4 for row in heads), out  # floor 0.25 x 16
+    assert all(sum(row) == sum(heads[0]) for row in heads)  # each layer keeps its own total
+    assert re.search(r"KV cache: .* used vs .* full cache .*; kept entries \d+\.\d\d MiB", out)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--allocator", "lukv"], "budget.profile"),
+    (["--allocator", "lukv", "--head-profile", "/no/such/profile.json"], "--head-profile: cannot read"),
+    (["--allocator", "uniform", "--head-floor", "0.5"], "floor"),
+])
+def test_per_head_flags_that_cannot_run_exit_2_naming_them(checkpoint, capsys, flags, message):
+    status = main(["generate", "--model", str(checkpoint), "--prompt", "def f():", "--no-progress", *flags])
+    assert status == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags,field", [(["--policy", "nope"], "--policy: 'nope': unknown base policy"),
                                          (["--policy", "h2o+caote"], "--policy: 'h2o+caote': the wrapper comes first"),
                                          (["--wrapper", "caote", "--budget", "0"], "budget.tokens"),

@@ -43,11 +43,13 @@ _FLAGS = {
     "eviction.policy.sink_tokens": "--sink", "eviction.policy.recent_tokens": "--recent",
     "eviction.policy.window": "--window", "eviction.policy.pool_kernel": "--pool-kernel",
     "eviction.budget.tokens": "--budget", "eviction.budget.allocator": "--allocator",
+    "eviction.budget.floor": "--head-floor", "eviction.budget.profile": "--head-profile",
     "eviction.block_size": "--block-size",
 }
 # The eviction flags --full-cache leaves no room for, with their defaults.
 _EVICTION_FLAGS = {"policy": defaults.BASE, "wrapper": None, "budget": defaults.BUDGET_TOKENS,
-                   "allocator": defaults.ALLOCATOR, "sink": None, "recent": None, "window": 0, "pool_kernel": 0}
+                   "allocator": defaults.ALLOCATOR, "sink": None, "recent": None, "window": 0, "pool_kernel": 0,
+                   "head_floor": None, "head_profile": None}
 
 
 def run_generate(args: argparse.Namespace) -> int:
