@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 
-from kvevict.evaluation.suite_report import (SuiteRow, common_prompts, full_cache_agreement, markdown_best_of_each,
-                                             markdown_full_cache,
+from kvevict.evaluation.suite_report import (SuiteRow, common_prompts, full_cache_agreement,
+                                             markdown_allocator_effects, markdown_best_of_each, markdown_full_cache,
                                              markdown_paired_effects, markdown_side_by_side, protocol_cells)
 
 AGNOSTIC = "question_agnostic"
@@ -59,6 +59,19 @@ def test_best_of_each_system_is_paired_by_prompt_on_the_prompts_every_method_ans
 def test_wrapper_minus_base_counts_prompts_better_and_worse() -> None:
     table = markdown_paired_effects(rows(), AGNOSTIC)
     assert "| caote+keydiff - keydiff | +25.0 ± 25.0 (n=4; 1 better, 0 worse) |" in table
+
+
+def test_allocator_minus_uniform_pairs_each_allocators_row_with_the_same_method_under_uniform() -> None:
+    extra = [row("kvevict", name, 0.2, i, score[i]) for name, score in (
+        ("keydiff (adahead)", [1, 1, 1, 1]), ("caote+keydiff (global) (reconstruct)", [1, 0, 0, 0]),
+        ("caote+keydiff (reconstruct)", [0, 0, 0, 1]), ("tova (lukv)", [0, 1, 0, 0])) for i in range(4)]
+    table = markdown_allocator_effects(rows() + extra, AGNOSTIC)
+    # keydiff (adahead) - keydiff: [0, 0, 1, 1] -> +50 ± 28.9, the hard task's row left out
+    assert f"| keydiff (adahead) - keydiff | +50.0 ± {100 * math.sqrt(1 / 3 / 4):.1f} (n=4; 2 better, 0 worse) |" in table
+    assert "| caote+keydiff (global) (reconstruct) - caote+keydiff (reconstruct) | +0.0 ± " in table
+    assert "(n=4; 1 better, 1 worse) |" in table
+    assert "| tova (lukv) - tova | +25.0 ± 25.0 (n=4; 1 better, 0 worse) |" in table
+    assert "caote+keydiff - " not in table  # a wrapper is no allocator
 
 
 def test_full_cache_agreement_names_the_prompts_that_differ() -> None:

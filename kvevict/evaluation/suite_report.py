@@ -244,6 +244,50 @@ def markdown_full_cache(rows: Sequence[SuiteRow], min_full_cache: float = 0.5) -
     return "\n".join(lines) + f"\n\n`*`: below {min_full_cache:.0%}, shown but left out of the averages"
 
 
+# Allocators a row's method names in parentheses ("snapkv (adahead)"): the uniform row has none.
+ROW_ALLOCATORS = ("pyramid", "adaptive", "epicache", "adahead", "global", "lukv")
+
+
+def uniform_counterpart(method: str) -> str | None:
+    """The uniform allocator's row of an allocator's row: `snapkv (adahead) (reconstruct)` ->
+    `snapkv (reconstruct)`; None for a uniform row.
+
+    >>> uniform_counterpart("caote+snapkv (global) (reconstruct)"), uniform_counterpart("snapkv")
+    ('caote+snapkv (reconstruct)', None)
+    """
+    for allocator in ROW_ALLOCATORS:
+        marker = f" ({allocator})"
+        if marker in method:
+            return method.replace(marker, "", 1)
+    return None
+
+
+def markdown_allocator_effects(rows: Sequence[SuiteRow], protocol: str, min_full_cache: float = 0.5,
+                               system: str = "kvevict") -> str:
+    """Each allocator's row minus the same method under the uniform allocator, paired by prompt
+    and kept fraction, as markdown_paired_effects pairs wrappers with their bases."""
+    included = included_tasks(rows, min_full_cache)
+    scores = {(r.method, r.kept_fraction, r.id): r.score for r in rows
+              if r.system == system and r.protocol == protocol and not is_full_cache(r)
+              and (r.task, r.length) in included}
+    fractions = sorted({k for _, k, _ in scores})
+    names = {m for m, _, _ in scores}
+    pairs = sorted((m, uniform_counterpart(m)) for m in names if uniform_counterpart(m) in names)
+    lines = ["| method | " + " | ".join(f"{f:.0%}" for f in fractions) + " |", "|---|" + "---|" * len(fractions)]
+    for method, uniform in pairs:
+        cells = []
+        for fraction in fractions:
+            diffs = [scores[(method, fraction, i)] - s for (m, k, i), s in scores.items()
+                     if m == uniform and k == fraction and (method, fraction, i) in scores]
+            if not diffs:
+                cells.append("")
+                continue
+            better, worse = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+            cells.append(_paired(diffs)[:-1] + f"; {better} better, {worse} worse)")
+        lines.append(f"| {method} - {uniform} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown_paired_effects(rows: Sequence[SuiteRow], protocol: str, min_full_cache: float = 0.5,
                             system: str = "kvevict") -> str:
     """Each wrapped method minus its base (`caote+snapkv` - `snapkv`), paired by prompt and kept

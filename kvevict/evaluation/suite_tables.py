@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvevict.evaluation.suite_report import (SuiteRow, common_prompts, full_cache_agreement, is_full_cache,
-                                             markdown_best_of_each, markdown_full_cache, markdown_paired_effects,
-                                             markdown_side_by_side)
+                                             markdown_allocator_effects, markdown_best_of_each, markdown_full_cache,
+                                             markdown_paired_effects, markdown_side_by_side)
 from kvevict.evaluation.suite_runner import PROTOCOLS
 
 
@@ -41,4 +41,8 @@ def suite_markdown(rows: Sequence[SuiteRow], min_full_cache: float = 0.5, title:
         if effects.count("\n") > 1:  # a header alone: no wrapper ran beside its base
             sections.append(f"### wrapper minus base ({protocol}, kvevict, paired by prompt)\n\npoints; `*`: "
                             "beyond twice the standard error\n\n" + effects)
+        allocators = markdown_allocator_effects(rows, protocol, min_full_cache)
+        if allocators.count("\n") > 1:
+            sections.append(f"### allocator minus uniform ({protocol}, kvevict, paired by prompt)\n\npoints; `*`: "
+                            "beyond twice the standard error\n\n" + allocators)
     return f"# {title}\n\n" + "\n\n".join(sections) + "\n"
