@@ -34,18 +34,20 @@ def reference():
     return model, tokenizer
 
 
-def _embedded(reference, max_new_tokens: int):
+def _embedded(reference, max_new_tokens: int, allocator: str = "uniform"):
     model, tokenizer = reference
-    settings = EvictionSettings(policy=POLICY, budget=pb.BudgetSpec(tokens=BUDGET), block_size=BLOCK)
+    settings = EvictionSettings(policy=POLICY, budget=pb.BudgetSpec(tokens=BUDGET, allocator=allocator),
+                                block_size=BLOCK)
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids[0]
     return EvictingGenerator(model, EmbeddedManagerClient(), settings).generate(
         prompt, max_new_tokens, eos_token_ids=eos_token_ids(tokenizer, model))
 
 
-def _request(max_new_tokens: int) -> worker_pb2.GenerateRequest:
+def _request(max_new_tokens: int, allocator: str = "uniform") -> worker_pb2.GenerateRequest:
     return worker_pb2.GenerateRequest(
         text=PROMPT, max_new_tokens=max_new_tokens,
-        eviction=worker_pb2.EvictionOptions(policy=POLICY, budget=pb.BudgetSpec(tokens=BUDGET), block_size=BLOCK))
+        eviction=worker_pb2.EvictionOptions(policy=POLICY, budget=pb.BudgetSpec(tokens=BUDGET, allocator=allocator),
+                                            block_size=BLOCK))
 
 
 def _start_worker(manager_address: str, *flags: str) -> tuple[ServerProcess, worker_pb2_grpc.WorkerServiceStub]:
@@ -55,20 +57,24 @@ def _start_worker(manager_address: str, *flags: str) -> tuple[ServerProcess, wor
     return worker, worker_pb2_grpc.WorkerServiceStub(channel(f"127.0.0.1:{worker.match.group(1)}"))
 
 
-def test_worker_manager_redis_yields_exactly_the_tokens_of_embedded_mode(redis_server, reference):
+# Per-head allocators: a per-head session's state (KVST2) in Redis, its ragged reports and keeps over gRPC.
+@pytest.mark.parametrize("allocator", ["uniform", "adahead", "global"])
+def test_worker_manager_redis_yields_exactly_the_tokens_of_embedded_mode(redis_server, reference, allocator):
     manager = start_manager(redis_server.url)
     worker, stub = _start_worker(manager.address)
     try:
-        messages = list(stub.Generate(_request(40), timeout=120))
+        messages = list(stub.Generate(_request(40, allocator), timeout=120))
     finally:
         worker.kill()
         manager.kill()
     tokens = [t for m in messages for t in m.token_ids]
     summary = messages[-1].summary
-    expected = _embedded(reference, 40)
+    expected = _embedded(reference, 40, allocator)
     assert tokens == expected.token_ids
     assert list(summary.evicted_per_layer) == expected.summary.evicted_per_layer
     assert list(summary.final_lengths) == expected.summary.final_lengths
+    assert list(summary.final_head_lengths) == expected.summary.final_head_lengths
+    assert (len(set(summary.final_head_lengths)) > 1) == (allocator != "uniform")
     assert not summary.manager_fallback and min(summary.evicted_per_layer) > 0
     print(f"\nworker -> manager -> redis: {summary.reports} reports, "
           f"{summary.manager_seconds / summary.reports * 1e3:.2f} ms per ReportBlock round trip on average, "
