@@ -39,6 +39,7 @@ from tests.test_worker_service import WORKER_READY, worker_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "demo-py"
+PER_HEAD_PROMPT = (ROOT / "examples" / "demo_prompt.py").read_text()[:600]
 PROMETHEUS = shutil.which("prometheus")
 PROMETHEUS_READY = re.compile(r"Server is ready to receive web requests")
 # What Grafana puts in place of its variables. $__rate_interval is at least four scrapes; two
@@ -144,6 +145,12 @@ def test_every_dashboard_query_returns_data_from_prometheus_scraping_the_real_se
         # Load: generations that evict, through worker -> manager -> Redis.
         log = run_loadgen(worker_address, *LOAD)
         assert log.count("status=OK") == 6 and "fail_open=False" in log and "fail_open=True" not in log, log
+        # A per-head session (each KV head its own budget): the head budget panel's histogram.
+        with channel(worker_address) as chan:
+            per_head = worker_pb2.GenerateRequest(text=PER_HEAD_PROMPT, max_new_tokens=24, eviction=worker_pb2.EvictionOptions(
+                policy=pb.PolicySpec(base="snapkv"), budget=pb.BudgetSpec(tokens=32, allocator="adahead"), block_size=16))
+            summary = list(worker_pb2_grpc.WorkerServiceStub(chan).Generate(per_head, timeout=120))[-1].summary
+            assert len(set(summary.final_head_lengths)) > 1 and not summary.manager_fallback
         # One bad request: an unknown policy is INVALID_ARGUMENT, and the worker goes on serving.
         with channel(worker_address) as chan:
             bad = worker_pb2.GenerateRequest(text="def f(x):", eviction=worker_pb2.EvictionOptions(
