@@ -266,26 +266,9 @@ def markdown_allocator_effects(rows: Sequence[SuiteRow], protocol: str, min_full
                                system: str = "kvevict") -> str:
     """Each allocator's row minus the same method under the uniform allocator, paired by prompt
     and kept fraction, as markdown_paired_effects pairs wrappers with their bases."""
-    included = included_tasks(rows, min_full_cache)
-    scores = {(r.method, r.kept_fraction, r.id): r.score for r in rows
-              if r.system == system and r.protocol == protocol and not is_full_cache(r)
-              and (r.task, r.length) in included}
-    fractions = sorted({k for _, k, _ in scores})
+    scores = _method_scores(rows, protocol, min_full_cache, system)
     names = {m for m, _, _ in scores}
-    pairs = sorted((m, uniform_counterpart(m)) for m in names if uniform_counterpart(m) in names)
-    lines = ["| method | " + " | ".join(f"{f:.0%}" for f in fractions) + " |", "|---|" + "---|" * len(fractions)]
-    for method, uniform in pairs:
-        cells = []
-        for fraction in fractions:
-            diffs = [scores[(method, fraction, i)] - s for (m, k, i), s in scores.items()
-                     if m == uniform and k == fraction and (method, fraction, i) in scores]
-            if not diffs:
-                cells.append("")
-                continue
-            better, worse = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-            cells.append(_paired(diffs)[:-1] + f"; {better} better, {worse} worse)")
-        lines.append(f"| {method} - {uniform} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _paired_table(scores, sorted((m, uniform_counterpart(m)) for m in names if uniform_counterpart(m) in names))
 
 
 def markdown_paired_effects(rows: Sequence[SuiteRow], protocol: str, min_full_cache: float = 0.5,
@@ -293,23 +276,35 @@ def markdown_paired_effects(rows: Sequence[SuiteRow], protocol: str, min_full_ca
     """Each wrapped method minus its base (`caote+snapkv` - `snapkv`), paired by prompt and kept
     fraction: mean ± standard error in points, and how many prompts it answered better / worse.
     `*` marks a mean beyond twice its standard error."""
+    scores = _method_scores(rows, protocol, min_full_cache, system)
+    names = {m for m, _, _ in scores}
+    wrapped = sorted(m for m in names if "+" in m and m.split("+", 1)[1] in names)
+    return _paired_table(scores, [(m, m.split("+", 1)[1]) for m in wrapped])
+
+
+def _method_scores(rows: Sequence[SuiteRow], protocol: str, min_full_cache: float,
+                   system: str) -> dict[tuple[str, float, str], float]:
+    """(method, kept fraction, prompt id) -> score of `system`'s rows of the included tasks."""
     included = included_tasks(rows, min_full_cache)
-    scores = {(r.method, r.kept_fraction, r.id): r.score for r in rows
-              if r.system == system and r.protocol == protocol and not is_full_cache(r)
-              and (r.task, r.length) in included}
+    return {(r.method, r.kept_fraction, r.id): r.score for r in rows
+            if r.system == system and r.protocol == protocol and not is_full_cache(r)
+            and (r.task, r.length) in included}
+
+
+def _paired_table(scores: dict[tuple[str, float, str], float], pairs: Sequence[tuple[str, str]]) -> str:
+    """One row per (method, reference) pair: the method minus the reference at each kept
+    fraction, paired by prompt, with the prompts it answered better / worse."""
     fractions = sorted({k for _, k, _ in scores})
-    wrapped = sorted({m for m, _, _ in scores if "+" in m and m.split("+", 1)[1] in {b for b, _, _ in scores}})
     lines = ["| method | " + " | ".join(f"{f:.0%}" for f in fractions) + " |", "|---|" + "---|" * len(fractions)]
-    for method in wrapped:
-        base = method.split("+", 1)[1]
+    for method, reference in pairs:
         cells = []
         for fraction in fractions:
             diffs = [scores[(method, fraction, i)] - s for (m, k, i), s in scores.items()
-                     if m == base and k == fraction and (method, fraction, i) in scores]
+                     if m == reference and k == fraction and (method, fraction, i) in scores]
             if not diffs:
                 cells.append("")
                 continue
             better, worse = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
             cells.append(_paired(diffs)[:-1] + f"; {better} better, {worse} worse)")
-        lines.append(f"| {method} - {base} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} - {reference} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
