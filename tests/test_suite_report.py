@@ -74,6 +74,13 @@ def test_allocator_minus_uniform_pairs_each_allocators_row_with_the_same_method_
     assert "caote+keydiff - " not in table  # a wrapper is no allocator
 
 
+def test_the_rows_allocators_are_the_managers_but_uniform() -> None:
+    from kvevict.cache_manager.budgets import SESSION_ALLOCATORS
+    from kvevict.evaluation.suite_report import ROW_ALLOCATORS
+
+    assert sorted(ROW_ALLOCATORS) == sorted(set(SESSION_ALLOCATORS) - {"uniform"})
+
+
 def test_full_cache_agreement_names_the_prompts_that_differ() -> None:
     ours = [row("kvevict", "full cache", 1.0, i, 1.0, prediction=f"a{i}") for i in range(3)]
     theirs = [row("transformers", "full", 1.0, i, 1.0, prediction="a0" if i == 0 else f"b{i}",

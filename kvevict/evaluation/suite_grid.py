@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvevict.cache_manager.head_budgets import HEAD_ALLOCATORS
 from kvevict.evaluation.runner import EvictionConfig
 from kvevict.policy_names import format_policy, parse_policy
 
@@ -81,16 +82,14 @@ def method_name(method: str, allocator: str, sink: int | None = None, lookahead:
     return name
 
 
-# Allocators that read a head profile (BudgetSpec.profile): the others get none.
-PROFILED_ALLOCATORS = ("lukv", "epicache")
-
-
 def method_config(method: str, allocator: str = "uniform", sink: int | None = None, lookahead: int = 0,
                   reconstruct: int = 0, reconstruct_pool: str = "max", profile: bytes = b"") -> EvictionConfig:
     base, wrapper = parse_policy(method, "--methods")
+    # The manager refuses a profile the allocator does not read.
+    reads_profile = allocator in HEAD_ALLOCATORS and HEAD_ALLOCATORS[allocator].needs_profile
     return EvictionConfig(base=base, wrapper=wrapper, allocator=allocator, sink=sink, lookahead=lookahead,
                           reconstruct=reconstruct, reconstruct_pool=reconstruct_pool,
-                          profile=profile if allocator in PROFILED_ALLOCATORS else b"")
+                          profile=profile if reads_profile else b"")
 
 
 def kvevict_jobs(kept: tuple[float, ...] = KEPT) -> list[Job]:

@@ -245,6 +245,8 @@ def markdown_full_cache(rows: Sequence[SuiteRow], min_full_cache: float = 0.5) -
 
 
 # Allocators a row's method names in parentheses ("snapkv (adahead)"): the uniform row has none.
+# Spelled out, not imported: this module stays standard-library only (a test holds it to the
+# manager's list).
 ROW_ALLOCATORS = ("pyramid", "adaptive", "epicache", "adahead", "global", "lukv")
 
 

@@ -168,7 +168,6 @@ class CacheSession:
         self.layer_budgets = list(opened.layer_budgets)
         # A per-head session: each KV head keeps its own count (HeadPrunableCache frees what it evicts).
         self.per_head = opened.per_head_budgets
-        self.head_budgets = list(opened.head_budgets)
         device = next(model.parameters()).device
         self.device = device
         cache_type, collector_type = ((HeadPrunableCache, HeadStatisticsCollector) if self.per_head
@@ -481,24 +480,14 @@ class CacheSession:
         after the masks' length, all stay)."""
         self.cache.drop_leading(unseen)
         if self.per_head:
-            # The worker's evicted-tokens counter stays the sum of the summaries' evicted_per_layer:
-            # per layer, the change of its per-head average (rounded down as the summary rounds it).
-            heads, layers = self.cache.num_kv_heads, range(self.cache.num_layers)
-            before = [self.cache.evicted(layer) // heads for layer in layers]
-            self._apply_head_keeps(response)
-            evicted = sum(self.cache.evicted(layer) // heads - was for layer, was in zip(layers, before))
-            self.head_budgets = list(response.head_budgets)
-            if self.metrics is not None:
-                self.metrics.evicted(evicted)
-                self._track_kv()
-            self.layer_budgets = list(response.layer_budgets)
-            return
-        evicted = 0
-        for keep in response.keeps:
-            mask = wire.decode_bits(keep.keep, f"keeps[{keep.layer}].keep")
-            before = self.cache.length(keep.layer)
-            self.cache.apply_keep(keep.layer, torch.from_numpy(mask))
-            evicted += before - self.cache.length(keep.layer)
+            evicted = self._apply_head_keeps(response)
+        else:
+            evicted = 0
+            for keep in response.keeps:
+                mask = wire.decode_bits(keep.keep, f"keeps[{keep.layer}].keep")
+                before = self.cache.length(keep.layer)
+                self.cache.apply_keep(keep.layer, torch.from_numpy(mask))
+                evicted += before - self.cache.length(keep.layer)
         self.layer_budgets = list(response.layer_budgets)
         if self.metrics is not None:
             self.metrics.evicted(evicted)
@@ -506,8 +495,11 @@ class CacheSession:
 
     def _apply_head_keeps(self, response: pb.ReportBlockResponse) -> int:
         """A per-head session's keep masks (LayerKeep.head_lengths, head_kept): each head keeps
-        its own count; returns the entries evicted."""
-        evicted = 0
+        its own count. Returns what the evicted-tokens counter adds: per layer, the change of
+        its evicted tokens per KV head rounded down, as the summary's evicted_per_layer rounds
+        them, so the counter stays the sum of the summaries."""
+        heads, layers = self.cache.num_kv_heads, range(self.cache.num_layers)
+        before = [self.cache.evicted(layer) // heads for layer in layers]
         for keep in response.keeps:
             field = f"keeps[{keep.layer}]"
             if keep.layer >= self.cache.num_layers or len(keep.head_lengths) != self.cache.num_kv_heads \
@@ -521,11 +513,8 @@ class CacheSession:
             if [int(m.sum()) for m in masks] != list(keep.head_kept):
                 raise ValueError(f"{field}.keep keeps {[int(m.sum()) for m in masks]} per head, head_kept says "
                                  f"{list(keep.head_kept)}")
-            before = self.cache.total_length(keep.layer)
             self.cache.apply_head_keeps(keep.layer, masks)
-            self.collector.heads_kept(keep.layer, masks)
-            evicted += before - self.cache.total_length(keep.layer)
-        return evicted
+        return sum(self.cache.evicted(layer) // heads - was for layer, was in zip(layers, before))
 
     def _timed_report(self, manager: ManagerClient, request: pb.ReportBlockRequest) -> pb.ReportBlockResponse:
         """One ReportBlock call; its round trip (failed or not) goes to the metrics."""

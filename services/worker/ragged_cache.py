@@ -62,7 +62,8 @@ class HeadPrunableCache(PositionSource):
         self.store: RaggedKV | None = None  # made at the first block, when head size and dtype are known
         self._block: torch.Tensor | None = None  # positions (q,) of the forward under way
         self.tokens_seen = 0
-        self.listener = None  # unused: the collector follows keeps through heads_kept
+        # Told of every layer's keeps (HeadStatisticsCollector.heads_kept): the period sums follow.
+        self.listener = None
 
     # -- what CacheSession and the collector ask of a cache -------------------------------------
     def append_positions(self, positions: torch.Tensor) -> None:
@@ -144,6 +145,8 @@ class HeadPrunableCache(PositionSource):
 
     def apply_head_keeps(self, layer: int, masks: list[torch.Tensor]) -> None:
         """Keeps, in each head h, the columns where masks[h] is True (columns after its end stay)."""
+        if self.listener is not None:
+            self.listener.heads_kept(layer, masks)
         self.store.keep(layer, masks)
 
     def kv_bytes(self) -> int:
