@@ -10,8 +10,11 @@ Metric port: 0 = a free port (logged in the ready line), -1 = no metrics server.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from concurrent import futures
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +26,8 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString
 
 from kvevict.grpc_server import RpcMetricsInterceptor
+
+log = logging.getLogger("kvevict.metrics")
 
 DISABLED_PORT = -1
 
@@ -140,6 +145,7 @@ class ArrayHistogram:
         self._count = 0
         self._sum = 0.0
         self._lock = threading.Lock()
+        self._pending: set[futures.Future] = set()  # add_later()s not yet merged
 
     def tally(self, values: np.ndarray) -> Tally:
         """Bucket counts, count and sum of `values` (any shape), for `merge`."""
@@ -158,8 +164,35 @@ class ArrayHistogram:
         if np.size(values):
             self.merge(self.tally(values))
 
+    def add_later(self, values: Callable[[], np.ndarray], executor: Executor, max_pending: int) -> None:
+        """add(values()) on `executor`, so the caller answers first. Every later collect() (a
+        scrape) and `count` wait for it; with `max_pending` already queued, it runs here instead
+        (a caller faster than the executor waits rather than queueing without bound)."""
+        with self._lock:
+            backlog = len(self._pending) >= max_pending
+        if backlog:
+            self.add(values())
+            return
+        future = executor.submit(lambda: self.add(values()))
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._settled)
+
+    def settle(self) -> None:
+        """Waits for every add_later() queued so far."""
+        with self._lock:
+            pending = list(self._pending)
+        futures.wait(pending)
+
+    def _settled(self, future: futures.Future) -> None:
+        with self._lock:
+            self._pending.discard(future)
+        if future.exception() is not None:
+            log.error("%s", f"event=metrics.tally_failed metric={self.name} error={future.exception()!r}")
+
     @property
     def count(self) -> int:
+        self.settle()
         with self._lock:
             return self._count
 
@@ -167,6 +200,7 @@ class ArrayHistogram:
         return [HistogramMetricFamily(self.name, self.documentation)]
 
     def collect(self):
+        self.settle()
         with self._lock:
             cumulative = [*self._cumulative.tolist(), self._count]
             total = self._sum

@@ -351,10 +351,10 @@ def test_the_head_budget_ratio_histogram_counts_every_head() -> None:
     session = PerHeadSession(per_head_request("h2o", allocator="adahead"), seed=2)
     for new_tokens in (12, 6):
         request, _, _ = session.build(new_tokens)
-        step = report_step(request, digest=metrics.digest)
+        step = report_step(request)
         response = session.core.store.update(session.id, step)
         session.apply(request, response)
-        metrics.report_answered(request, step.decision, step.digested)
+        metrics.report_answered(request, step.decision)
     ratios = np.asarray(response.head_budgets) / 8
     assert metrics.registry.get_sample_value("kvevict_manager_head_budget_ratio_count") == 2 * LAYERS * HEADS
     assert metrics.registry.get_sample_value("kvevict_manager_head_budget_ratio_bucket", {"le": "10.0"}) == \

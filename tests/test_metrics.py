@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -79,6 +80,35 @@ def test_nan_counts_only_in_the_inf_bucket_and_the_sum_stays_finite():
     registry.register(histogram)
     assert [sample(registry, "h_bucket", le=le) for le in ("1.0", "2.0", "+Inf")] == [1, 1, 3]
     assert sample(registry, "h_count") == 3 and sample(registry, "h_sum") == 3.5
+
+
+def test_tallies_added_later_are_in_every_scrape_after_the_call_and_a_backlog_runs_in_the_caller():
+    histogram = ArrayHistogram("h", "later", (1.0, 2.0))
+    registry = CollectorRegistry()
+    registry.register(histogram)
+    release, started = threading.Event(), threading.Event()
+    callers = []
+
+    def values(array):
+        def compute():
+            callers.append(threading.current_thread().name)
+            if threading.current_thread().name.startswith("tally"):
+                started.set()
+                release.wait(10)  # the executor's tallies wait until the test lets them go
+            return array
+        return compute
+
+    with ThreadPoolExecutor(1, thread_name_prefix="tally") as executor:
+        histogram.add_later(values(np.array([0.5, 1.5])), executor, max_pending=2)
+        assert started.wait(10)
+        histogram.add_later(values(np.array([3.0])), executor, max_pending=2)
+        # Two queued: the third is computed by the caller at once.
+        histogram.add_later(values(np.array([0.1])), executor, max_pending=2)
+        assert callers == ["tally_0", threading.current_thread().name]
+        threading.Timer(0.2, release.set).start()
+        # A scrape waits for the queued tallies: all four values are counted.
+        assert [sample(registry, "h_bucket", le=le) for le in ("1.0", "2.0", "+Inf")] == [2, 3, 4]
+    assert histogram.count == 4 and sample(registry, "h_sum") == 5.1
 
 
 def test_cumulative_counts_are_le_counts():

@@ -41,7 +41,7 @@ from kvevict.cache_manager.service import AsyncManagerCore
 from kvevict.cache_manager.state import AsyncInMemoryStateStore, AsyncStateStore, InMemoryStateStore
 from kvevict.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, server_options
 from kvevict.grpc_server import ServiceHealth, bind, status_details
-from kvevict.request_decoding import RequestDecodingInterceptor
+from kvevict.request_decoding import RequestDecodingInterceptor, wire_size
 from kvevict.security_options import ServerSecurity
 from kvevict.metrics import DISABLED_PORT, MetricsServer, check_metrics_port
 from kvevict.v1 import cache_manager_pb2 as pb
@@ -176,7 +176,7 @@ class CacheManagerServicer(pb_grpc.CacheManagerServiceServicer):
         if log.isEnabledFor(logging.DEBUG):
             log_event(log, logging.DEBUG, "rpc.ok", method=method,
                       session_ref=session_ref(getattr(request, "session_id", "")),
-                      ms=f"{(time.perf_counter() - started) * 1e3:.2f}", request_bytes=request.ByteSize())
+                      ms=f"{(time.perf_counter() - started) * 1e3:.2f}", request_bytes=wire_size(request))
         return response
 
 

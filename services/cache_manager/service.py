@@ -105,17 +105,15 @@ class AsyncManagerCore:
         return response
 
     async def report_block(self, request: pb.ReportBlockRequest, owner: str = "") -> pb.ReportBlockResponse:
-        if self.metrics is None:
-            step = transitions.report_step(request, owner=owner, max_state_bytes=self.max_state_bytes)
-            return await self.store.update(request.session_id, step)
         try:
-            step = transitions.report_step(request, digest=self.metrics.digest, owner=owner,
-                                           max_state_bytes=self.max_state_bytes)
+            step = transitions.report_step(request, owner=owner, max_state_bytes=self.max_state_bytes)
             response = await self.store.update(request.session_id, step)
         except Exception as error:
-            self.metrics.report_failed(request, error)
+            if self.metrics is not None:
+                self.metrics.report_failed(request, error)
             raise
-        self.metrics.report_answered(request, step.decision, step.digested)
+        if self.metrics is not None:
+            self.metrics.report_answered(request, step.decision)
         return response
 
     async def close_session(self, request: pb.CloseSessionRequest, owner: str = "") -> pb.CloseSessionResponse:

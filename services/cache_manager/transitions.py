@@ -9,7 +9,7 @@ sees the state as stored, and what it returns is written only if nobody wrote in
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -156,37 +156,30 @@ def _opened(state: SessionState, accumulates: bool) -> pb.OpenSessionResponse:
     )
 
 
-def report_step(request: pb.ReportBlockRequest, digest: Callable[[DecisionStats], object] | None = None,
-                owner: str = "", max_state_bytes: int = 0) -> ReportStep:
+def report_step(request: pb.ReportBlockRequest, owner: str = "", max_state_bytes: int = 0) -> ReportStep:
     """The read-modify-write of one report by `owner`. A retried sequence number answers the
     stored decision and stores nothing (FailedPrecondition if the request is not the one that
     was decided); an out-of-order one is Aborted; a malformed report InvalidArgument; one that
     would grow the state past `max_state_bytes` (0 = no cap) ResourceExhausted."""
-    return ReportStep(request, digest, owner, max_state_bytes)
+    return ReportStep(request, owner, max_state_bytes)
 
 
 class ReportStep:
     """A report's Step (state -> answer and next state). After the store ran it, `decision` tells
     what its last run, the one whose answer the store returned, did: the DecisionStats of a new
-    decision, or None for a retried sequence number (the stored answer, nothing decided).
+    decision, or None for a retried sequence number (the stored answer, nothing decided)."""
 
-    `digest`, when given, runs on each new decision in the step's own thread (the store runs
-    steps off the event loop) and its result is kept as `digested`: the metrics' numpy work."""
-
-    def __init__(self, request: pb.ReportBlockRequest, digest: Callable[[DecisionStats], object] | None = None,
-                 owner: str = "", max_state_bytes: int = 0) -> None:
+    def __init__(self, request: pb.ReportBlockRequest, owner: str = "", max_state_bytes: int = 0) -> None:
         self.session_id = check_session_id(request.session_id)
         self.request = request
-        self.digest = digest
         self.owner = owner
         self.max_state_bytes = max_state_bytes
         self._digest: str | None = None  # computed once: the store may run the step again
         self.decision: DecisionStats | None = None
-        self.digested: object = None
 
     def __call__(self, stored: SessionState | None) -> Transition[pb.ReportBlockResponse]:
         # A store may run the step again (a concurrent write): only the last run counts.
-        self.decision = self.digested = None
+        self.decision = None
         state = require(stored, self.session_id, self.owner)
         request = self.request
         sequence = request.sequence
@@ -217,8 +210,6 @@ class ReportStep:
             check_state_bytes(next_state.array_bytes, self.max_state_bytes, "layers")
         next_state = next_state.evolve(last_request_digest=self._digest)
         self.decision = replace(decision, seconds=time.perf_counter() - started)
-        if self.digest is not None:
-            self.digested = self.digest(self.decision)
         return Transition(response, next_state)  # state and answer in one write
 
 
