@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from kvevict.cache_manager.errors import FailedPrecondition, NotFound, ResourceExhausted, StoreUnavailable
+from kvevict.cache_manager.errors import Aborted, FailedPrecondition, NotFound, ResourceExhausted, StoreUnavailable
 from kvevict.cache_manager.redis_store import RedisStateStore, redact
 from kvevict.cache_manager.state import SessionState
 from kvevict.cache_manager.transitions import open_session, report_step
@@ -33,6 +33,58 @@ def two_reports(session_id: str):
     second, _ = driver.build(16)
     first.session_id = second.session_id = session_id
     return first, second
+
+
+def sequential_reports(session_id: str, count: int):
+    """Reports 1..count for a session opened by new_state(), and each one's decision."""
+    driver = start(open_request("h2o", "caote", budget=12, sink=1), seed=3)
+    requests, answers = [], []
+    for _ in range(count):
+        request, _ = driver.build(8)
+        answer = driver.core.report_block(request)
+        driver.apply(request, answer)
+        request.session_id = session_id
+        requests.append(request)
+        answers.append(answer.SerializeToString())
+    return requests, answers
+
+
+def test_a_replica_starting_from_a_stale_cached_state_answers_as_from_the_stored_one(redis_server) -> None:
+    """A replica's first attempt uses its cached state unread; when another replica has moved the
+    session on, what it answers is still what the stored state gives: a report the stale state
+    calls out of order is decided, a retry the stale state would answer is refused as out of
+    order, and a session deleted elsewhere is NOT_FOUND (not written back)."""
+    reports, answers = sequential_reports("s1", 5)
+
+    async def scenario():
+        mine, other = RedisStateStore.from_url(redis_server.url), RedisStateStore.from_url(redis_server.url)
+        await mine.create(new_state())
+        outcomes = [(await mine.update("s1", report_step(reports[0]))).SerializeToString()]
+        await other.update("s1", report_step(reports[1]))
+        try:  # a retry of 1: the cached state would answer it; the stored one has decided 2
+            await mine.update("s1", report_step(reports[0]))
+        except Aborted as error:
+            outcomes.append(str(error))
+        await other.update("s1", report_step(reports[2]))
+        outcomes.append((await mine.update("s1", report_step(reports[3]))).SerializeToString())
+        await other.delete("s1")
+        try:
+            await mine.update("s1", report_step(reports[4]))
+        except NotFound as error:
+            outcomes.append(type(error).__name__)
+        conflicts = mine.conflicts
+        await mine.close()
+        await other.close()
+        return outcomes, conflicts
+
+    outcomes, conflicts = run(scenario())
+    assert outcomes[0] == answers[0]
+    assert "out of order" in outcomes[1]
+    assert outcomes[2] == answers[3]  # decided on the stored state (after 3), as the driver did
+    assert outcomes[3] == "NotFound"
+    assert conflicts == 3  # each stale start ran again on the stored state
+    with redis_server.client() as client:
+        assert client.keys("*s1*") == []
 
 
 @pytest.mark.parametrize("mine", ["the same request", "another request"])

@@ -17,16 +17,19 @@ Layout (prefix `kvevict:` by default; docs/REDIS.md says what each part costs):
   digest of the owner, so no identity appears in a key and any string makes a valid tag.
 On a cluster each index is one key on its own slot, so no command ever spans two slots.
 
-A report is optimistic: read the version (GETRANGE; the whole state only if the cache below does
-not hold that version), run the step (decode, validate, decide, encode) in the default
-executor, then a compare-and-set on the session's slot: the new value is SET under a staging key
+A report is optimistic: it starts from the state this replica cached last, unread (else it
+reads the version with GETRANGE, and the whole state only if the cache below does not hold
+that version), runs the step (decode, validate, decide, encode) in the default executor, then
+a compare-and-set on the session's slot: the new value is SET under a staging key
 (`<prefix>{<id>}:state:staged:<version>`), and a script renames it onto the state key only if
 the stored version is still the one the step saw (else drops it). Redis never copies the state
 into Lua (an 8 MB script argument costs its one thread ~20 ms; the SET and the rename, under
 1 ms). Pipelined after them (in order on the same connection when not on a cluster) the index
 entries' expiries move, only for entries that exist: a session deleted meanwhile is not
 brought back. If another replica wrote the session in between, the swap refuses and the step
-runs again on the new state (`conflicts`; Aborted after MAX_ATTEMPTS): so exactly one
+runs again on the new state, read (`conflicts`; Aborted after MAX_ATTEMPTS); a step that
+stored nothing on the unread state (a retry's answer, a refusal) counts only once the version
+is checked: so one round trip per report when the cache is current, exactly one
 decision per sequence number is stored, and the loser of a race on one sequence number answers
 the winner's decision if it sent the same request, else FAILED_PRECONDITION (the stored digest).
 
@@ -42,8 +45,7 @@ master's replicas acknowledge everything up to it. A decision a worker received 
 the loss of its master (the replica promoted in its place holds it).
 
 Each replica keeps the states it last read or wrote in a bounded LRU cache keyed by that
-version: an update first reads the 8-byte version and transfers the whole state only if its
-cached copy is not the current one. A worker's channel sticks to one replica, so most reports
+version: an update transfers the whole state only if its cached copy is not the current one. A worker's channel sticks to one replica, so most reports
 skip the largest read (8.5 MB for an H2O session of Llama-3.1-8B at 4K tokens; redis-py takes
 ~30 ms for it). The version is random per write, not the sequence number, because a Redis
 restored from an older snapshot could store a different state under a sequence number a
@@ -81,7 +83,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
-from kvevict.cache_manager.errors import Aborted, ResourceExhausted, StoreUnavailable
+from kvevict.cache_manager.errors import Aborted, ManagerError, ResourceExhausted, StoreUnavailable
 from kvevict.logs import log_event, session_ref
 from kvevict.cache_manager.state import MAX_ATTEMPTS, R, SessionState, Step, Transition
 
@@ -256,6 +258,15 @@ class StateCache:
         self.misses += 1
         return None
 
+    def latest(self, session_id: str) -> tuple[bytes, SessionState] | None:
+        """The version and state last put for the session, whether or not still Redis's."""
+        entry = self._entries.get(session_id)
+        if entry is None:
+            return None
+        self._entries.move_to_end(session_id)
+        self.hits += 1
+        return entry[0], entry[1]
+
     def put(self, session_id: str, version: bytes, state: SessionState, size: int) -> None:
         self.discard(session_id)
         if size > self.max_bytes:
@@ -397,30 +408,51 @@ class RedisStateStore:
         loop = asyncio.get_running_loop()
         for attempt in range(MAX_ATTEMPTS):
             with self._unavailable("update") as timer:
-                version = await self.client.getrange(key, 0, VERSION_BYTES - 1)
-                stored: SessionState | bytes | None = None
-                if version:
-                    stored = self.cache.get(session_id, version)
-                    if stored is None:
-                        stored = await self.client.get(key)
-                        # The version of what was read (a write may have come after the GETRANGE).
-                        version = b"" if stored is None else stored[:VERSION_BYTES]
+                # First, the cached state unread: the write's compare-and-set checks its version.
+                cached = self.cache.latest(session_id) if attempt == 0 else None
+                if cached is not None:
+                    version, stored = cached
+                else:
+                    version, stored = await self._read(session_id, key)
                 new_version = _new_version()
                 stepped = time.perf_counter()
-                transition, seen, data = await loop.run_in_executor(None, _apply, step, stored, new_version)
-                timer.excluded += time.perf_counter() - stepped
-                if isinstance(stored, bytes):
-                    self.cache.put(session_id, version, seen, len(stored))
-                if data is None:  # a retry or an error: nothing to write
-                    if self.wait_replicas and version:  # the stored answer must be on the replicas too
-                        self._check_replicas(await self._on_key_node(key, [("EVAL", _REAFFIRM, 1, key),
-                                                                            *self._wait()]), "reaffirm")
-                    return transition.result
-                if await self._write(key, version, data, transition.state):
-                    return transition.result
-            self.conflicts += 1  # another writer won: again, on its state
+                try:
+                    transition, seen, data = await loop.run_in_executor(None, _apply, step, stored, new_version)
+                except ManagerError:
+                    if cached is None or await self._current(key, version):
+                        raise
+                    transition = None  # refused on a state that was no longer the session's
+                finally:
+                    timer.excluded += time.perf_counter() - stepped
+                if transition is not None:
+                    if isinstance(stored, bytes):
+                        self.cache.put(session_id, version, seen, len(stored))
+                    if data is None:  # a retry or an error: nothing to write
+                        if cached is None or await self._current(key, version):
+                            if self.wait_replicas and version:  # the stored answer must be on the replicas too
+                                self._check_replicas(await self._on_key_node(
+                                    key, [("EVAL", _REAFFIRM, 1, key), *self._wait()]), "reaffirm")
+                            return transition.result
+                    elif await self._write(key, version, data, transition.state):
+                        return transition.result
+            self.conflicts += 1  # another writer won (or the cached state was not the last): again, read
             log_event(log, logging.INFO, "store.conflict", session_ref=session_ref(session_id), attempt=attempt + 1)
         raise Aborted("session_id: the session is being updated concurrently; retry")
+
+    async def _read(self, session_id: str, key: str) -> tuple[bytes, SessionState | bytes | None]:
+        """The stored version and the state: the cached copy of that version, else its bytes."""
+        version = await self.client.getrange(key, 0, VERSION_BYTES - 1)
+        if not version:
+            return version, None
+        stored = self.cache.get(session_id, version)
+        if stored is not None:
+            return version, stored
+        data = await self.client.get(key)
+        # The version of what was read (a write may have come after the GETRANGE).
+        return (b"", None) if data is None else (data[:VERSION_BYTES], data)
+
+    async def _current(self, key: str, version: bytes) -> bool:
+        return await self.client.getrange(key, 0, VERSION_BYTES - 1) == version
 
     async def delete(self, session_id: str) -> SessionState | None:
         self.cache.discard(session_id)
