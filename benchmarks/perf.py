@@ -12,6 +12,7 @@ are shared), ratios measured side by side in one run, the load average printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import platform
 import sys
@@ -54,10 +55,20 @@ SECTIONS = {
 }
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else the platform's processor string."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or "unknown CPU"
+
+
 def run(sections: list[str], quick: bool) -> str:
     torch.set_num_threads(1)
     parts = [f"# Performance\n\nMeasured by `benchmarks/perf.py{' --quick' if quick else ''}` on "
-             f"{platform.processor() or platform.machine()}, torch {torch.__version__}, one torch thread "
+             f"{platform.processor() or platform.machine()} ({cpu_name()}, torch's {torch.backends.cpu.get_cpu_capability()} "
+             f"kernels), torch {torch.__version__}, one torch thread "
              f"(CPU; no GPU was used); {load_line()} at the start."]
     for name in sections:
         module, function, title, what = SECTIONS[name]

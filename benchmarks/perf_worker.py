@@ -37,6 +37,11 @@ from kvevict.worker.model_loader import load_model  # noqa: E402
 from kvevict.worker.remote_manager import RemoteManagerClient  # noqa: E402
 
 SMOLLM = "smollm2-135m-instruct"
+# SmolLM2's own dtype where the CPU computes it fast; without AVX-512 torch emulates bfloat16
+# matmuls (7x float32's time on an AVX2 core), so there the model runs in float32.
+FAST_BFLOAT16 = torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
+MODEL_DTYPE = torch.bfloat16 if FAST_BFLOAT16 else torch.float32
+MODEL_DTYPE_NAME = str(MODEL_DTYPE).removeprefix("torch.")
 SUITE_PROMPTS = ROOT / "benchmarks" / "results" / "suite" / "prompts.jsonl"
 
 
@@ -67,7 +72,7 @@ def split_table(quick: bool) -> str:
     cases = [("models/demo-py", "caote+h2o", 96, 32, 48, None)]
     if not quick and smollm_available():
         cases.append((SMOLLM, "caote+keydiff", 128, 128, 16, 1024))
-    repeats = 2 if quick else 7
+    repeats = 2 if quick else 11  # wall times vary by +-15% here: enough for a 3% ratio's median
     rows = []
     # Without redis-server (make test installs it), the manager keeps its state in memory.
     store = contextlib.nullcontext(None) if shutil.which("redis-server") is None else None
@@ -75,7 +80,7 @@ def split_table(quick: bool) -> str:
             start_manager(redis.url if redis else "memory://") as manager:
         remote = RemoteManagerClient(manager.address, timeout_s=30)
         for name, policy, budget, block, new, tokens in cases:
-            model, tokenizer = load_model(name, dtype="bfloat16" if name == SMOLLM else "float32")
+            model, tokenizer = load_model(name, dtype=MODEL_DTYPE_NAME if name == SMOLLM else "float32")
             ids = (suite_prompt_ids(tokenizer, tokens) if tokens else
                    torch.tensor(tokenizer((ROOT / "examples" / "demo_prompt.py").read_text()).input_ids))
             timings = {(where, mode): Timing() for where in ("embedded", "remote") for mode in ("sync", "pipelined")}
@@ -88,7 +93,8 @@ def split_table(quick: bool) -> str:
                     outputs[(where, mode)] = result.token_ids
             assert outputs[("embedded", "sync")] == outputs[("remote", "sync")], "remote decided otherwise"
             assert outputs[("embedded", "pipelined")] == outputs[("remote", "pipelined")], "remote decided otherwise"
-            label = f"{Path(name).name}, {ids.numel()} + {new} tokens, {policy}, budget {budget}, block {block}"
+            label = (f"{Path(name).name} ({MODEL_DTYPE_NAME if name == SMOLLM else 'float32'}), {ids.numel()} + {new} "
+                     f"tokens, {policy}, budget {budget}, block {block}")
             for mode in ("sync", "pipelined"):
                 embedded, over_grpc = timings[("embedded", mode)], timings[("remote", mode)]
                 rows.append((label, mode, embedded.wall_p(50), over_grpc.wall_p(50), over_grpc.wall_p(99),
@@ -106,7 +112,7 @@ CAPTURE_POLICIES = ("h2o", "tova", "snapkv", "keydiff", "caote+h2o", "caote+tova
 
 def capture_table(quick: bool) -> str:
     name = "models/demo-py" if quick or not smollm_available() else SMOLLM
-    model, tokenizer = load_model(name, dtype="float32" if quick else "bfloat16")
+    model, tokenizer = load_model(name, dtype="float32" if quick else MODEL_DTYPE_NAME)
     tokens, block = (256, 64) if quick else (1024, 128)
     ids = suite_prompt_ids(tokenizer, tokens)
     repeats = 2 if quick else 5
@@ -128,7 +134,8 @@ def capture_table(quick: bool) -> str:
         timing = repeat(lambda: prefill(policy), repeats)
         rows.append((policy, timing.wall_p(50) / blocks * 1e3, timing.cpu_p(50) / blocks * 1e3,
                      timing.cpu_p(50) / full.cpu_p(50)))
-    caption = f"{Path(name).name}, {tokens} tokens in {block}-token blocks, nothing evicted (statistics measured)"
+    caption = (f"{Path(name).name} ({'float32' if quick else MODEL_DTYPE_NAME}), {tokens} tokens in {block}-token "
+               f"blocks, nothing evicted (statistics measured)")
     return caption + "\n\n" + markdown(["policy", "wall ms / block", "CPU ms / block", "CPU vs full cache"], rows)
 
 
@@ -140,7 +147,7 @@ def smollm_shaped(layers: int) -> torch.nn.Module:
     config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=32768,
                          rope_theta=100000.0, tie_word_embeddings=True)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    return AutoModelForCausalLM.from_config(config, dtype=MODEL_DTYPE).eval()
 
 
 def _rss_bytes() -> int:
@@ -165,7 +172,7 @@ def _memory_child(context: int, budget: int, block: int, layers: int) -> dict:
 def memory_table(quick: bool) -> str:
     contexts = (1024, 2048) if quick else (1024, 2048, 4096, 8192, 16384)
     budget, block, layers = 512, 32, 4
-    per_token = layers * 3 * 64 * 2 * 2  # layers x KV heads x head dim x (K, V) x bfloat16
+    per_token = layers * 3 * 64 * 2 * MODEL_DTYPE.itemsize  # layers x KV heads x head dim x (K, V) x bytes
     rows = []
     for context in contexts:
         code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.perf_worker import _memory_child; "
@@ -174,7 +181,7 @@ def memory_table(quick: bool) -> str:
         measured = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append((context, measured["peak_kv_bytes"] / 1e6, measured["peak_kv_bytes"] / (budget * per_token),
                      measured["full_cache_bytes"] / 1e6, measured["rss_mb"], measured["rss_growth_mb"]))
-    caption = (f"SmolLM2-shaped ({layers} layers), caote+h2o, budget {budget}, block {block}, bfloat16; "
+    caption = (f"SmolLM2-shaped ({layers} layers), caote+h2o, budget {budget}, block {block}, {MODEL_DTYPE_NAME}; "
                f"the budget's bytes: {budget * per_token / 1e6:.2f} MB")
     return caption + "\n\n" + markdown(["context", "peak KV MB", "peak KV / budget's bytes", "full cache KV MB",
                                         "peak RSS MB (sampled per forward)", "RSS growth MB (over the loaded model)"], rows)
@@ -204,8 +211,8 @@ def decode_table(quick: bool) -> str:
     generator = torch.Generator().manual_seed(1)
     for layer in range(layers):
         shape = (1, 3, context, 64)
-        cache.update(torch.randn(shape, generator=generator).bfloat16(), torch.randn(shape, generator=generator).bfloat16(),
-                     layer)
+        cache.update(torch.randn(shape, generator=generator).to(MODEL_DTYPE),
+                     torch.randn(shape, generator=generator).to(MODEL_DTYPE), layer)
     timing, token = Timing(), torch.tensor([[11]])
     with torch.inference_mode():
         for step in range(steps):
@@ -217,7 +224,7 @@ def decode_table(quick: bool) -> str:
     full_rate = rows[-1][3]
     rows = [(*row, row[3] / full_rate) for row in rows]
     caption = (f"SmolLM2-shaped ({layers} layers, per-layer costs as the real model's), context {context}, "
-               f"{steps} decode steps (reports every {block}), bfloat16, 1 thread")
+               f"{steps} decode steps (reports every {block}), {MODEL_DTYPE_NAME}, 1 thread")
     return caption + "\n\n" + markdown(["cache", "tokens held per head", "tokens/s (wall p50)", "tokens/s (CPU p50)",
                                         "step p99 ms", "speed vs full cache (CPU)"], rows)
 
@@ -228,7 +235,7 @@ def end_to_end_table(quick: bool) -> str:
         name, tokens, new = "models/demo-py", 512, 16
     else:
         name, tokens, new = SMOLLM, 2048, 32
-    model, tokenizer = load_model(name, dtype="float32" if name != SMOLLM else "bfloat16")
+    model, tokenizer = load_model(name, dtype="float32" if name != SMOLLM else MODEL_DTYPE_NAME)
     ids = suite_prompt_ids(tokenizer, tokens)
     repeats = 2 if quick else 5
     budget, block = max(64, tokens // 8), 128
@@ -253,5 +260,6 @@ def end_to_end_table(quick: bool) -> str:
         timing = repeat(call, repeats)
         base = base or timing
         rows.append((label, timing.wall_p(50), timing.wall_p(99), timing.cpu_p(50), timing.cpu_p(50) / base.cpu_p(50)))
-    caption = f"{Path(name).name}, {tokens}-token prompt + {new} tokens, caote+keydiff, block {block}, 1 thread"
+    caption = (f"{Path(name).name} ({'float32' if name != SMOLLM else MODEL_DTYPE_NAME}), {tokens}-token prompt + "
+               f"{new} tokens, caote+keydiff, block {block}, 1 thread")
     return caption + "\n\n" + markdown(["generation", "wall s p50", "wall s p99", "CPU s p50", "CPU vs plain"], rows)
