@@ -3,6 +3,9 @@ sessions, counters at close, and state that survives serialisation (another repl
 
 from __future__ import annotations
 
+import json
+import struct
+
 import numpy as np
 import pytest
 
@@ -131,6 +134,22 @@ def test_state_survives_bytes_and_another_replica_decides_the_same() -> None:
     request, _ = session.build(6)
     assert replica.report_block(request).SerializeToString() == session.core.report_block(request).SerializeToString()
     assert replica.store.get(session.id).to_bytes() == session.core.store.get(session.id).to_bytes()
+
+
+@pytest.mark.parametrize("request_", [open_request("h2o", "caote", budget=12, sink=2),
+                                      open_request("snapkv", budget=24, allocator="pyramid")], ids=["h2o", "snapkv"])
+def test_the_stored_header_is_the_sorted_json_of_meta_settings_and_arrays(request_) -> None:
+    """The encoding is unchanged by the settings' JSON being encoded once: byte for byte what
+    json.dumps(sort_keys=True) of the whole header gives."""
+    session = start(request_, seed=4)
+    session.report(14)
+    state = session.core.store.get(session.id)
+    data = state.to_bytes()
+    (length,) = struct.unpack_from("<I", data, 5)
+    header = json.loads(data[9:9 + length])
+    assert set(header) == {"arrays", "last_response", "meta", "settings"}
+    assert header["settings"] == json.loads(json.dumps(state.settings.to_dict()))  # tuples as lists
+    assert data[9:9 + length] == json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
 
 
 def test_stored_state_is_immutable() -> None:

@@ -82,6 +82,12 @@ class SessionSettings:
         """lukv: head_budgets.concave_hull of the curves, computed once per settings object."""
         return head_budgets.concave_hull(np.asarray(self.profile_grid), self.curves)
 
+    @cached_property
+    def json_text(self) -> str:
+        """to_dict() as compact JSON with sorted keys, encoded once per settings object (every
+        stored state carries it)."""
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["statistics"] = [req.to_list() for req in self.statistics]

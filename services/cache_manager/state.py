@@ -138,11 +138,13 @@ class SessionState:
             meta["head_budgets"] = self.head_budgets
         header = {
             "meta": meta,
-            "settings": self.settings.to_dict(),
             "arrays": [[name, a.dtype.str, list(a.shape)] for name, a in arrays],
             "last_response": len(self.last_response),
         }
-        head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+        # The header with its keys sorted, "settings" (the last of them) from the settings' own
+        # encoding: the bytes json.dumps(..., sort_keys=True) of the whole header gives.
+        head = (json.dumps(header, separators=(",", ":"), sort_keys=True)[:-1] + ',"settings":'
+                + self.settings.json_text + "}").encode()
         blobs = [np.ascontiguousarray(a).data for _, a in arrays]
         magic = _MAGIC_PER_HEAD if self.settings.per_head else _MAGIC
         return b"".join([prefix, magic, _HEADER.pack(len(head)), head, self.last_response, *blobs])
