@@ -3,10 +3,11 @@ decided in process.
 
 Starts a private redis-server on a free port (never the machine's own Redis) and `kvevict
 manager serve` subprocesses on it and on memory://, then times full-cache reports (every layer
-evicts one block) from a gRPC client: request serialization, transport, Redis WATCH/read, decode,
-validation, decision, encode, SET + EXEC, response. "no cache" is a replica started with
---state-cache-mb 0, which reads the whole state back from Redis on every report (what a replica
-that did not serve the session's previous report does). Prints p50/p90 per transport, shape and
+evicts one block) from a gRPC client: request serialization, transport, validation, decision,
+encode, the compare-and-set write (one round trip: the replica starts from the state it cached
+at the previous report), response. "no cache" is a replica started with --state-cache-mb 0,
+which reads the version and the whole state from Redis on every report (what a replica that
+did not serve the session's previous report does). Prints p50/p90 per transport, shape and
 policy, with the request and stored state sizes.
 
     .venv/bin/python benchmarks/report_latency.py [--repeats 20] [--policies caote+h2o,tova]
