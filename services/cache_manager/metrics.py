@@ -158,9 +158,8 @@ class ManagerMetrics:
 
     def report_answered(self, request: pb.ReportBlockRequest, decision: DecisionStats | None) -> None:
         """A report answered: a new decision, or (None) a retry answered with the stored one.
-        The CAOTE histogram's numpy part (every evicted token's exact score, ~7 ms for a
-        Llama-8B-shaped report) runs on the metrics' own thread after the answer is sent;
-        a scrape waits for it."""
+        The CAOTE histogram's values (every evicted token's exact score) are computed on the
+        metrics' own thread, so the answer goes out first; a scrape waits for them."""
         self.payload_bytes.observe(wire_size(request))
         self.reports.labels(phase_label(request.phase), "retry" if decision is None else "decided").inc()
         if decision is None:

@@ -45,8 +45,8 @@ master's replicas acknowledge everything up to it. A decision a worker received 
 the loss of its master (the replica promoted in its place holds it).
 
 Each replica keeps the states it last read or wrote in a bounded LRU cache keyed by that
-version: an update transfers the whole state only if its cached copy is not the current one. A worker's channel sticks to one replica, so most reports
-skip the largest read (8.5 MB for an H2O session of Llama-3.1-8B at 4K tokens; redis-py takes
+version: an update transfers the whole state only if its cached copy is not the current one.
+A worker's channel sticks to one replica, so most reports skip the largest read (8.5 MB for an H2O session of Llama-3.1-8B at 4K tokens; redis-py takes
 ~30 ms for it). The version is random per write, not the sequence number, because a Redis
 restored from an older snapshot could store a different state under a sequence number a
 replica has cached.
