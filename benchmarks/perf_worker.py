@@ -42,6 +42,12 @@ SMOLLM = "smollm2-135m-instruct"
 FAST_BFLOAT16 = torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
 MODEL_DTYPE = torch.bfloat16 if FAST_BFLOAT16 else torch.float32
 MODEL_DTYPE_NAME = str(MODEL_DTYPE).removeprefix("torch.")
+
+
+def dtype_for(name: str) -> str:
+    """The dtype a benchmark loads model `name` in: SmolLM2's MODEL_DTYPE, the small shipped
+    checkpoints float32."""
+    return MODEL_DTYPE_NAME if name == SMOLLM else "float32"
 SUITE_PROMPTS = ROOT / "benchmarks" / "results" / "suite" / "prompts.jsonl"
 
 
@@ -80,7 +86,7 @@ def split_table(quick: bool) -> str:
             start_manager(redis.url if redis else "memory://") as manager:
         remote = RemoteManagerClient(manager.address, timeout_s=30)
         for name, policy, budget, block, new, tokens in cases:
-            model, tokenizer = load_model(name, dtype=MODEL_DTYPE_NAME if name == SMOLLM else "float32")
+            model, tokenizer = load_model(name, dtype=dtype_for(name))
             ids = (suite_prompt_ids(tokenizer, tokens) if tokens else
                    torch.tensor(tokenizer((ROOT / "examples" / "demo_prompt.py").read_text()).input_ids))
             timings = {(where, mode): Timing() for where in ("embedded", "remote") for mode in ("sync", "pipelined")}
@@ -93,7 +99,7 @@ def split_table(quick: bool) -> str:
                     outputs[(where, mode)] = result.token_ids
             assert outputs[("embedded", "sync")] == outputs[("remote", "sync")], "remote decided otherwise"
             assert outputs[("embedded", "pipelined")] == outputs[("remote", "pipelined")], "remote decided otherwise"
-            label = (f"{Path(name).name} ({MODEL_DTYPE_NAME if name == SMOLLM else 'float32'}), {ids.numel()} + {new} "
+            label = (f"{Path(name).name} ({dtype_for(name)}), {ids.numel()} + {new} "
                      f"tokens, {policy}, budget {budget}, block {block}")
             for mode in ("sync", "pipelined"):
                 embedded, over_grpc = timings[("embedded", mode)], timings[("remote", mode)]
@@ -112,7 +118,7 @@ CAPTURE_POLICIES = ("h2o", "tova", "snapkv", "keydiff", "caote+h2o", "caote+tova
 
 def capture_table(quick: bool) -> str:
     name = "models/demo-py" if quick or not smollm_available() else SMOLLM
-    model, tokenizer = load_model(name, dtype="float32" if quick else MODEL_DTYPE_NAME)
+    model, tokenizer = load_model(name, dtype=dtype_for(name))
     tokens, block = (256, 64) if quick else (1024, 128)
     ids = suite_prompt_ids(tokenizer, tokens)
     repeats = 2 if quick else 5
@@ -134,7 +140,7 @@ def capture_table(quick: bool) -> str:
         timing = repeat(lambda: prefill(policy), repeats)
         rows.append((policy, timing.wall_p(50) / blocks * 1e3, timing.cpu_p(50) / blocks * 1e3,
                      timing.cpu_p(50) / full.cpu_p(50)))
-    caption = (f"{Path(name).name} ({'float32' if quick else MODEL_DTYPE_NAME}), {tokens} tokens in {block}-token "
+    caption = (f"{Path(name).name} ({dtype_for(name)}), {tokens} tokens in {block}-token "
                f"blocks, nothing evicted (statistics measured)")
     return caption + "\n\n" + markdown(["policy", "wall ms / block", "CPU ms / block", "CPU vs full cache"], rows)
 
@@ -235,7 +241,7 @@ def end_to_end_table(quick: bool) -> str:
         name, tokens, new = "models/demo-py", 512, 16
     else:
         name, tokens, new = SMOLLM, 2048, 32
-    model, tokenizer = load_model(name, dtype="float32" if name != SMOLLM else MODEL_DTYPE_NAME)
+    model, tokenizer = load_model(name, dtype=dtype_for(name))
     ids = suite_prompt_ids(tokenizer, tokens)
     repeats = 2 if quick else 5
     budget, block = max(64, tokens // 8), 128
@@ -260,6 +266,6 @@ def end_to_end_table(quick: bool) -> str:
         timing = repeat(call, repeats)
         base = base or timing
         rows.append((label, timing.wall_p(50), timing.wall_p(99), timing.cpu_p(50), timing.cpu_p(50) / base.cpu_p(50)))
-    caption = (f"{Path(name).name} ({'float32' if name != SMOLLM else MODEL_DTYPE_NAME}), {tokens}-token prompt + "
+    caption = (f"{Path(name).name} ({dtype_for(name)}), {tokens}-token prompt + "
                f"{new} tokens, caote+keydiff, block {block}, 1 thread")
     return caption + "\n\n" + markdown(["generation", "wall s p50", "wall s p99", "CPU s p50", "CPU vs plain"], rows)
