@@ -49,7 +49,8 @@ def planned_jobs(args: argparse.Namespace, prompts: list[dict]) -> list[tuple[Jo
         per_prompt = configured_jobs(args.methods, args.allocators, args.protocols, args.kept, args.sink,
                                      full_cache=not args.skip_full_cache, lookahead=args.lookahead,
                                      reconstruct=args.reconstruct, reconstruct_pool=args.reconstruct_pool,
-                                     profile=args.head_profile.read_bytes() if args.head_profile else b"")
+                                     profile=args.head_profile.read_bytes() if args.head_profile else b"",
+                                     floor=args.floor, recent=args.recent)
     return shard(per_record(per_prompt, prompts), *args.shard)
 
 
@@ -124,6 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     runner.add_argument("--allocators", nargs="+", default=["uniform"])
     runner.add_argument("--head-profile", type=Path, default=None, metavar="FILE",
                         help="the head profile (`kvevict profile`) the lukv and epicache allocators read")
+    runner.add_argument("--floor", type=float, default=None, metavar="F",
+                        help="the per-head allocators' floor: each head keeps at least round(F x the budget) "
+                             "(0 as KVzip's one top-k; rows named '<method> (<allocator>) (floor F)')")
     runner.add_argument("--kept", type=float, nargs="+", default=list(KEPT))
     runner.add_argument("--protocols", nargs="+", default=["question_agnostic"], choices=PROTOCOLS)
     runner.add_argument("--block-size", type=int, default=128)
@@ -132,6 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="no full-cache rows (another CSV of the same prompts has them)")
     runner.add_argument("--sink", type=int, default=None,
                         help="protect this many first tokens in every method (rows named '<method> (sink N)')")
+    runner.add_argument("--recent", type=int, default=None,
+                        help="protect this many last tokens in every method, in place of each policy's default "
+                             "(SnapKV: its window; rows named '<method> (recent N)')")
     runner.add_argument("--lookahead", type=int, default=0,
                         help="decode this many pseudo tokens before each prefill decision and observe with their "
                              "queries (rows named '<method> (lookahead N)')")
@@ -186,6 +193,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parse_policy(method, "--methods")  # a bad spelling fails before the model loads
         if args.reconstruct < 0:
             parser.error(f"--reconstruct: a number of context tokens >= 1, got {args.reconstruct}")
+        if args.floor is not None and not 0 <= args.floor <= 1:
+            parser.error(f"--floor: a fraction in [0, 1], got {args.floor}")
+        if args.floor is not None and all(a == "uniform" for a in args.allocators):
+            parser.error("--floor: only the per-head allocators have a floor; give --allocators")
+        if args.recent is not None and args.recent < 0:
+            parser.error(f"--recent: a number of tokens >= 0, got {args.recent}")
         if args.sink is not None and args.sink < 0:
             parser.error(f"--sink: a number of tokens >= 0, got {args.sink}")
         if any(not 0 < k <= 1 for k in args.kept):

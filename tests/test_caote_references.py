@@ -27,7 +27,8 @@ from kvevict.worker.model_loader import model_from_config
 from tests.caote_oracle import max_relative_error, output_change_without_each, rank_correlation
 from tests.tiny_models import tiny_config
 
-EXACT_BASES = ["h2o", "tova", "snapkv", "keydiff", "streaming", "valuenorm"]
+EXACT_BASES = ["h2o", "tova", "snapkv", "kvzip", "keydiff", "streaming", "valuenorm"]
+POOL_KERNEL = {"kvzip": 1}  # kvzip scores each token alone; the others pool with 3
 TOKENS, BLOCK, BUDGET = 96, 24, 40
 
 
@@ -66,7 +67,8 @@ class CheckingManager(EmbeddedManagerClient):
 def check_caote(base: str, arch: str = "llama") -> CheckingManager:
     model = model_from_config(tiny_config(arch, initializer_range=0.1), seed=3)
     manager = CheckingManager()
-    settings = EvictionSettings(policy=pb.PolicySpec(base=base, wrapper="caote", window=8, pool_kernel=3),
+    settings = EvictionSettings(policy=pb.PolicySpec(base=base, wrapper="caote", window=8,
+                                                                 pool_kernel=POOL_KERNEL.get(base, 3)),
                                 budget=pb.BudgetSpec(tokens=BUDGET), block_size=BLOCK,
                                 statistics_dtype=tensor_pb2.DTYPE_FLOAT32)
     session = CacheSession(model, manager, settings)

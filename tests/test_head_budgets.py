@@ -353,7 +353,7 @@ def test_invalid_arguments_name_the_field(call, field: str) -> None:
 @pytest.mark.parametrize("wrapper", list(WRAPPERS))
 @pytest.mark.parametrize("base", list(BASE_POLICIES))
 def test_global_accepts_only_comparable_scores(base: str, wrapper: str) -> None:
-    comparable = wrapper in ("caote", "fastcaote") or base == "laprox"
+    comparable = wrapper in ("caote", "fastcaote") or base in ("laprox", "kvzip")  # probabilities: kvzip
     assert accepts_policy("global", base, wrapper) is comparable
     for name in ("adahead", "lukv", "epicache"):
         assert accepts_policy(name, base, wrapper)

@@ -18,11 +18,11 @@ from tests.test_manager_support import (
 WINDOW_ERRORS = {"querycaote": pb.STATISTIC_QUERY_EVICT_ERROR, "obcv": pb.STATISTIC_QUERY_VALUE_ERROR,
                  "obck": pb.STATISTIC_QUERY_KEY_ERROR, "obcvk": pb.STATISTIC_QUERY_KEY_VALUE_ERROR,
                  "laprox": pb.STATISTIC_QUERY_PROJECTED_ERROR}
-BASES = ["h2o", "tova", "tova-mean", "snapkv", "keydiff", "streaming", "random", "valuenorm", *WINDOW_ERRORS]
+BASES = ["h2o", "tova", "tova-mean", "snapkv", "kvzip", "keydiff", "streaming", "random", "valuenorm", *WINDOW_ERRORS]
 WRAPPERS = ["none", "caote", "fastcaote"]
 BUDGET = 24
 SINK = 2
-OPTIONS = {"snapkv": dict(window=4, pool_kernel=3), "random": dict(seed=7),
+OPTIONS = {"snapkv": dict(window=4, pool_kernel=3), "kvzip": dict(window=4), "random": dict(seed=7),
            **{base: dict(window=4, pool_kernel=3) for base in WINDOW_ERRORS}}
 # H2O: half the budget; SnapKV and the window policies: their window.
 DEFAULT_RECENT = {"h2o": BUDGET // 2, "snapkv": 4, **{base: 4 for base in WINDOW_ERRORS}}
@@ -35,6 +35,7 @@ BASE_STATISTICS = {
     "tova": [(S.STATISTIC_ATTN_WINDOW, 1, 0, 0)],
     "tova-mean": [(S.STATISTIC_ATTN_WINDOW, 1, 0, 0)],
     "snapkv": [(S.STATISTIC_ATTN_WINDOW, 4, 0, 0)],
+    "kvzip": [(S.STATISTIC_ATTN_WINDOW, 4, 0, 0)],
     "keydiff": [(S.STATISTIC_KEY_COSINE, 0, 0, 0)],
     "streaming": [],
     "random": [],
@@ -48,6 +49,7 @@ CAOTE_REFERENCE = {
     "tova": (EXCLUDED, 1, R.REFERENCE_WINDOW_ATTENTION, 1),
     "tova-mean": (EXCLUDED, 1, R.REFERENCE_WINDOW_ATTENTION, 1),
     "snapkv": (EXCLUDED, 4, R.REFERENCE_WINDOW_ATTENTION, 3),
+    "kvzip": (EXCLUDED, 4, R.REFERENCE_WINDOW_ATTENTION, 1),
     "keydiff": (EXCLUDED, 0, R.REFERENCE_KEY_DISSIMILARITY, 0),
     "streaming": (EXCLUDED, 0, R.REFERENCE_POSITION, 0),
     "random": (EXCLUDED, 0, R.REFERENCE_UNIFORM, 0),
@@ -76,6 +78,8 @@ def expected_scores(base, wrapper, stats, accumulated, positions, sequence, laye
         score = attention = np.repeat(window.mean(axis=0, keepdims=True), window.shape[0], axis=0)
     elif base == "snapkv":
         score = attention = reference_max_pool(stats[(S.STATISTIC_ATTN_WINDOW, 4, 0, 0)], 3)
+    elif base == "kvzip":  # unpooled, and no window kept (DEFAULT_RECENT: 0)
+        score = attention = stats[(S.STATISTIC_ATTN_WINDOW, 4, 0, 0)]
     elif base == "keydiff":
         cosine = stats[(S.STATISTIC_KEY_COSINE, 0, 0, 0)]
         score, attention = -cosine, (1.0 - cosine) / 2.0

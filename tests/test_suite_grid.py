@@ -12,8 +12,9 @@ from transformers import AutoTokenizer
 from kvevict.evaluation.grid import allowed
 from kvevict.evaluation.ruler import make_record
 from kvevict.evaluation.ruler_records import write_prompts
-from kvevict.evaluation.suite_grid import (ALLOCATOR_RUNS, BASES, BEST, KEPT, WRAPPERS, kvevict_jobs, method_name,
-                                          shard)
+from kvevict.evaluation.suite_grid import (ALLOCATOR_RUNS, BASES, BEST, KEPT, WRAPPERS, kvevict_jobs, method_config,
+                                          method_name, shard)
+from kvevict.evaluation.suite_jobs import configured_jobs
 from kvevict.evaluation.suite_report import read_rows
 from kvevict.policy_names import format_policy
 from tests.checkpoints import save_tiny_checkpoint
@@ -35,6 +36,28 @@ def test_the_plan_runs_every_base_under_every_wrapper_at_every_kept_fraction() -
     assert len({(j.method, j.protocol, j.kept) for j in jobs}) == len(jobs)  # no job twice
     assert method_name("keydiff", "pyramid") == "keydiff (pyramid)"
     assert method_name("keydiff", "uniform", 4) == "keydiff (sink 4)"
+
+
+def test_a_floor_reaches_the_per_head_allocators_budget_and_names_their_rows() -> None:
+    jobs = configured_jobs(["caote+snapkv"], ["uniform", "global"], ["one_shot"], [0.1], full_cache=False, floor=0.0)
+    by_allocator = {j.config.allocator: j for j in jobs}
+    assert by_allocator["global"].method == "caote+snapkv (global) (floor 0)"
+    assert by_allocator["uniform"].method == "caote+snapkv"  # uniform has no floor: neither named nor sent
+    spec = by_allocator["global"].config.settings(budget=100, block_size=128).budget
+    assert spec.HasField("floor") and spec.floor == 0.0
+    assert not by_allocator["uniform"].config.settings(budget=100, block_size=128).budget.HasField("floor")
+    default = method_config("caote+snapkv", "global").settings(budget=100, block_size=128).budget
+    assert not default.HasField("floor")  # None: the allocator's own default
+    assert method_name("keydiff", "lukv", floor=0.05) == "keydiff (lukv) (floor 0.05)"
+
+
+def test_protected_recent_tokens_reach_the_policy_and_name_the_row() -> None:
+    [job] = configured_jobs(["snapkv"], ["uniform"], ["one_shot"], [0.1], full_cache=False, recent=0)
+    assert job.method == "snapkv (recent 0)"
+    policy = job.config.settings(budget=100, block_size=128).policy
+    assert policy.HasField("recent_tokens") and policy.recent_tokens == 0
+    [default] = configured_jobs(["snapkv"], ["uniform"], ["one_shot"], [0.1], full_cache=False)
+    assert not default.config.settings(budget=100, block_size=128).policy.HasField("recent_tokens")
 
 
 def test_shards_split_the_jobs_without_loss_or_overlap() -> None:

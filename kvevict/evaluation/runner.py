@@ -51,6 +51,8 @@ class EvictionConfig:
     repeat_prompt: RepeatPrompt | None = None
     # lukv / epicache: the head profile's bytes (`kvevict profile`), sent with the budget.
     profile: bytes = field(default=b"", repr=False)
+    # BudgetSpec.floor: the per-head allocators' floor fraction (None: the allocator's default).
+    floor: float | None = None
 
     @property
     def name(self) -> str:
@@ -64,8 +66,10 @@ class EvictionConfig:
             policy.sink_tokens = self.sink
         if self.recent is not None:
             policy.recent_tokens = self.recent
-        return EvictionSettings(policy=policy, budget=pb.BudgetSpec(tokens=budget, allocator=self.allocator,
-                                                                       profile=self.profile),
+        spec = pb.BudgetSpec(tokens=budget, allocator=self.allocator, profile=self.profile)
+        if self.floor is not None:
+            spec.floor = self.floor
+        return EvictionSettings(policy=policy, budget=spec,
                                 block_size=block_size, lookahead=self.lookahead, reconstruct=self.reconstruct,
                                 reconstruct_pool=self.reconstruct_pool, repeat_prompt=self.repeat_prompt)
 

@@ -69,11 +69,13 @@ class Job:
 
 
 def method_name(method: str, allocator: str, sink: int | None = None, lookahead: int = 0, reconstruct: int = 0,
-                reconstruct_pool: str = "max") -> str:
+                reconstruct_pool: str = "max", floor: float | None = None, recent: int | None = None) -> str:
     """The row's method: the policy spelling, then what runs beside it in parentheses (the
     reconstruction's chunk and pool only where they are not the defaults)."""
     name = method if allocator == "uniform" else f"{method} ({allocator})"
+    name = name if floor is None or allocator not in HEAD_ALLOCATORS else f"{name} (floor {floor:g})"
     name = name if sink is None else f"{name} (sink {sink})"
+    name = name if recent is None else f"{name} (recent {recent})"
     name = name if not lookahead else f"{name} (lookahead {lookahead})"
     if reconstruct:
         detail = "".join([f" {reconstruct}" if reconstruct != RECONSTRUCT_CHUNK else "",
@@ -83,13 +85,15 @@ def method_name(method: str, allocator: str, sink: int | None = None, lookahead:
 
 
 def method_config(method: str, allocator: str = "uniform", sink: int | None = None, lookahead: int = 0,
-                  reconstruct: int = 0, reconstruct_pool: str = "max", profile: bytes = b"") -> EvictionConfig:
+                  reconstruct: int = 0, reconstruct_pool: str = "max", profile: bytes = b"",
+                  floor: float | None = None, recent: int | None = None) -> EvictionConfig:
     base, wrapper = parse_policy(method, "--methods")
     # The manager refuses a profile the allocator does not read.
     reads_profile = allocator in HEAD_ALLOCATORS and HEAD_ALLOCATORS[allocator].needs_profile
-    return EvictionConfig(base=base, wrapper=wrapper, allocator=allocator, sink=sink, lookahead=lookahead,
+    return EvictionConfig(base=base, wrapper=wrapper, allocator=allocator, sink=sink, recent=recent, lookahead=lookahead,
                           reconstruct=reconstruct, reconstruct_pool=reconstruct_pool,
-                          profile=profile if reads_profile else b"")
+                          profile=profile if reads_profile else b"",
+                          floor=floor if allocator in HEAD_ALLOCATORS else None)  # uniform has no floor
 
 
 def kvevict_jobs(kept: tuple[float, ...] = KEPT) -> list[Job]:

@@ -39,10 +39,11 @@ from kvevict.cache_manager.errors import InvalidArgument
 # AdaKV authors give for GQA models (their GQA evaluation script: "we suggest setting
 # floor_alpha to 0.2 while using gqa"); kvpress's AdaKVPress defaults to the same 0.20.
 ADAHEAD_ALPHA = 0.2
-# Scores in output-error units, comparable across heads and layers: the CAOTE wrappers (as the
-# per-layer `adaptive` allocator) and LaProx, whose score is in the layer's output units.
+# Scores comparable across heads and layers: the CAOTE wrappers' output errors (as the per-layer
+# `adaptive` allocator ranks them), LaProx's layer-output units and KVzip's attention
+# probabilities (each a share of one query's attention; KVzip ranks them model-wide).
 COMPARABLE_WRAPPERS = ("caote", "fastcaote")
-COMPARABLE_BASES = ("laprox",)
+COMPARABLE_BASES = ("laprox", "kvzip")
 # EpiCache's layer allocation: weights (1 - normalised similarity) ** power; the authors run
 # Llama models with power 1.1 (Qwen 1.3), and floor every layer at a quarter of the average.
 EPICACHE_POWER = 1.1
@@ -70,7 +71,7 @@ HEAD_ALLOCATORS: dict[str, HeadAllocatorInfo] = {info.name: info for info in (
     HeadAllocatorInfo("adahead", "AdaKV: one top-k over all KV heads of a layer, floor round(0.2 x tokens) per head",
                       needs_scores=True, needs_profile=False, comparable_only=False),
     HeadAllocatorInfo("global", "one top-k over every layer and head, floor round(0.2 x tokens) per head; "
-                      "caote/fastcaote wrappers or laprox only", needs_scores=True, needs_profile=False,
+                      "caote/fastcaote wrappers, laprox or kvzip only", needs_scores=True, needs_profile=False,
                       comparable_only=True),
     HeadAllocatorInfo("lukv", "LU-KV: greedy marginal utility over profiled per-head curves (concave hulls), "
                       "floor round(0.2 x tokens) per head", needs_scores=False, needs_profile=True,
@@ -110,7 +111,7 @@ def check_comparable(allocator: str, base: str, wrapper: str) -> None:
         raise InvalidArgument(
             "budget.allocator",
             f"{allocator} ranks scores across every layer and head and needs wrapper "
-            f"{' or '.join(COMPARABLE_WRAPPERS)} or base {' or '.join(COMPARABLE_BASES)} (output-error units); "
+            f"{' or '.join(COMPARABLE_WRAPPERS)} or base {' or '.join(COMPARABLE_BASES)} (units comparable model-wide); "
             f"the scores of policy {policy!r} are not comparable across heads and layers")
 
 

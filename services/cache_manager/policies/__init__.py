@@ -6,6 +6,7 @@ from kvevict.cache_manager.errors import InvalidArgument
 from kvevict.cache_manager.policies.base import BasePolicy, LayerContext
 from kvevict.cache_manager.policies.h2o import H2O
 from kvevict.cache_manager.policies.keydiff import KeyDiff
+from kvevict.cache_manager.policies.kvzip import KVzip
 from kvevict.cache_manager.policies.laprox import LaProx
 from kvevict.cache_manager.policies.obcache import OBCacheKey, OBCacheKeyValue, OBCacheValue
 from kvevict.cache_manager.policies.querycaote import QueryCAOTE
@@ -18,7 +19,7 @@ from kvevict.cache_manager.policies.valuenorm import ValueNorm
 
 BASE_POLICIES: dict[str, type[BasePolicy]] = {
     cls.name: cls for cls in (H2O, TOVA, TOVAMean, SnapKV, KeyDiff, Streaming, Random, ValueNorm, QueryCAOTE,
-                              OBCacheValue, OBCacheKey, OBCacheKeyValue, LaProx)
+                              OBCacheValue, OBCacheKey, OBCacheKeyValue, LaProx, KVzip)
 }
 
 
