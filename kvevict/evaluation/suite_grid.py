@@ -90,7 +90,8 @@ def method_config(method: str, allocator: str = "uniform", sink: int | None = No
     base, wrapper = parse_policy(method, "--methods")
     # The manager refuses a profile the allocator does not read.
     reads_profile = allocator in HEAD_ALLOCATORS and HEAD_ALLOCATORS[allocator].needs_profile
-    return EvictionConfig(base=base, wrapper=wrapper, allocator=allocator, sink=sink, recent=recent, lookahead=lookahead,
+    return EvictionConfig(base=base, wrapper=wrapper, allocator=allocator, sink=sink, recent=recent,
+                          lookahead=lookahead,
                           reconstruct=reconstruct, reconstruct_pool=reconstruct_pool,
                           profile=profile if reads_profile else b"",
                           floor=floor if allocator in HEAD_ALLOCATORS else None)  # uniform has no floor

@@ -111,7 +111,8 @@ def check_comparable(allocator: str, base: str, wrapper: str) -> None:
         raise InvalidArgument(
             "budget.allocator",
             f"{allocator} ranks scores across every layer and head and needs wrapper "
-            f"{' or '.join(COMPARABLE_WRAPPERS)} or base {' or '.join(COMPARABLE_BASES)} (units comparable model-wide); "
+            f"{' or '.join(COMPARABLE_WRAPPERS)} or base {' or '.join(COMPARABLE_BASES)} "
+            f"(units comparable model-wide); "
             f"the scores of policy {policy!r} are not comparable across heads and layers")
 
 
