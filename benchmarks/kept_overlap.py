@@ -1,6 +1,8 @@
 """Do kvevict's policies keep the tokens kvpress's presses keep? Per pair (kvevict policy, kvpress
-press), one-shot eviction of the same contexts at the same kept fractions, the fraction of the
-press's kept tokens that kvevict keeps too, per layer and KV head, averaged (min over prompts).
+press), one-shot eviction of the same contexts at the same kept fractions, the share of the
+press's kept tokens that kvevict keeps too, over every layer and KV head (min over prompts).
+`kvzip` runs as KVzipPress decides: context reconstruction, one top-k over the whole model
+(`global`, floor 0), so its heads keep different numbers of tokens, as KVzip's do.
 
     benchmarks/peers/kvpress/setup.sh          # once
     .venv/bin/python benchmarks/kept_overlap.py --model smollm2-135m-instruct --prompts suite.jsonl \\
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +28,25 @@ import numpy as np
 from kvevict import wire
 from kvevict.evaluation.ruler_records import read_prompts
 from kvevict.evaluation.suite_runner import answer_prompt
-from kvevict.evaluation.suite_grid import method_config
+from kvevict.evaluation.runner import EvictionConfig
+from kvevict.evaluation.suite_grid import RECONSTRUCT_CHUNK, method_config
+from kvevict.worker.observers import RepeatPrompt
 from kvevict.worker.manager_client import EmbeddedManagerClient
 
 ROOT = Path(__file__).resolve().parent
 PAIRS = (("tova", "TOVAPress"), ("tova-mean", "TOVAPress"), ("snapkv", "SnapKVPress"), ("keydiff", "KeyDiffPress"),
-         ("streaming", "StreamingLLMPress"))
+         ("streaming", "StreamingLLMPress"), ("kvzip", "KVzipPress"))
+# Policies not run with their defaults: KVzip's queries (the raw-text repeat prompt, as the suite
+# runs KVzipPress) and its model-wide top-k without floors.
+CONFIGS = {"kvzip": dict(allocator="global", reconstruct=RECONSTRUCT_CHUNK, floor=0.0)}
+
+
+def policy_config(policy: str, tokenizer) -> EvictionConfig:
+    """The one-shot configuration a pair runs `policy` in."""
+    config = method_config(policy, **CONFIGS.get(policy, {}))
+    if config.reconstruct:
+        config = replace(config, repeat_prompt=RepeatPrompt.from_tokenizer(tokenizer))
+    return config
 
 
 class _KeepRecorder(EmbeddedManagerClient):
@@ -42,8 +58,19 @@ class _KeepRecorder(EmbeddedManagerClient):
 
     def report_block(self, request):
         response = super().report_block(request)
-        self.masks.append({k.layer: np.asarray(wire.decode_bits(k.keep, "keep"), dtype=bool) for k in response.keeps})
+        self.masks.append({k.layer: layer_mask(k) for k in response.keeps})
         return response
+
+
+def layer_mask(keep) -> np.ndarray:
+    """A LayerKeep's (KV heads, tokens) booleans. A per-head answer concatenates its heads' masks
+    (head_lengths), which one-shot eviction leaves all of the context's length."""
+    mask = np.asarray(wire.decode_bits(keep.keep, "keep"), dtype=bool)
+    if not keep.head_lengths:
+        return mask
+    if len(set(keep.head_lengths)) != 1:
+        raise RuntimeError(f"layer {keep.layer}: heads of lengths {sorted(set(keep.head_lengths))}, not one context")
+    return mask.reshape(len(keep.head_lengths), keep.head_lengths[0])
 
 
 def kvevict_kept(model, tokenizer, records: list[dict], policies: list[str], kept: list[float]) -> dict[str, np.ndarray]:
@@ -53,7 +80,8 @@ def kvevict_kept(model, tokenizer, records: list[dict], policies: list[str], kep
         for policy in policies:
             for fraction in kept:
                 recorder = _KeepRecorder()
-                answer_prompt(model, tokenizer, record, method_config(policy), fraction, "one_shot", manager=recorder)
+                answer_prompt(model, tokenizer, record, policy_config(policy, tokenizer), fraction, "one_shot",
+                              manager=recorder)
                 if len(recorder.masks) != 1:
                     raise RuntimeError(f"one-shot eviction made {len(recorder.masks)} reports, not 1")
                 for layer, mask in recorder.masks[0].items():
@@ -62,10 +90,11 @@ def kvevict_kept(model, tokenizer, records: list[dict], policies: list[str], kep
 
 
 def overlap(ours: np.ndarray, theirs: np.ndarray) -> float:
-    """Mean over KV heads of |ours & theirs| / |theirs| (the share of their kept tokens we keep)."""
+    """|ours & theirs| / |theirs| over every KV head: the share of their kept tokens we keep (with
+    equal budgets per head, the mean of the heads' shares; a head they empty counts for nothing)."""
     if ours.shape != theirs.shape:
         raise ValueError(f"masks of shapes {ours.shape} and {theirs.shape} cover different tokens")
-    return float(((ours & theirs).sum(axis=1) / np.maximum(theirs.sum(axis=1), 1)).mean())
+    return float((ours & theirs).sum() / max(int(theirs.sum()), 1))
 
 
 def overlap_table(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray], pairs, kept: list[float]) -> str:
@@ -104,9 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", required=True, type=Path)
     parser.add_argument("--limit", type=int, default=6)
     parser.add_argument("--kept", type=float, nargs="+", default=[0.2, 0.5])
+    parser.add_argument("--pairs", nargs="+", default=None, metavar="POLICY",
+                        help=f"only these kvevict policies' pairs (of {', '.join(dict.fromkeys(p for p, _ in PAIRS))})")
     parser.add_argument("--kvpress-venv", type=Path, default=ROOT / "peers" / "kvpress" / ".venv")
     parser.add_argument("--out", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
+    pairs = PAIRS if args.pairs is None else tuple(pair for pair in PAIRS if pair[0] in args.pairs)
+    if args.pairs is not None and len({p for p, _ in pairs}) != len(set(args.pairs)):
+        parser.error(f"--pairs: known policies are {', '.join(dict.fromkeys(p for p, _ in PAIRS))}")
     import torch
 
     from kvevict.worker.model_fetch import resolve_model
@@ -122,14 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     records = list(read_prompts(args.prompts))[: args.limit]
     with tempfile.TemporaryDirectory() as scratch:
         theirs_path = Path(scratch) / "kvpress_kept.npz"
-        presses = ",".join(dict.fromkeys(peer.removesuffix("Press") for _, peer in PAIRS))
+        presses = ",".join(dict.fromkeys(peer.removesuffix("Press") for _, peer in pairs))
         subprocess.run([str(python), str(ROOT / "peers" / "kvpress" / "kept_tokens.py"), "--model", path,
                         "--prompts", str(args.prompts), "--limit", str(args.limit), "--methods", presses,
                         "--kept", ",".join(str(k) for k in args.kept), "--out", str(theirs_path)], check=True)
         theirs = dict(np.load(theirs_path))
     model, tokenizer = load_model(path, dtype="bfloat16")
-    ours = kvevict_kept(model, tokenizer, records, list(dict.fromkeys(p for p, _ in PAIRS)), args.kept)
-    table = overlap_table(ours, theirs, PAIRS, args.kept)
+    ours = kvevict_kept(model, tokenizer, records, list(dict.fromkeys(p for p, _ in pairs)), args.kept)
+    table = overlap_table(ours, theirs, pairs, args.kept)
     text = (f"Share of kvpress's kept tokens that kvevict keeps too (one-shot, {len(records)} prompts of "
             f"{args.prompts.name}, every layer and KV head):\n\n{table}\n")
     if args.out:

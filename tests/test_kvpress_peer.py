@@ -336,3 +336,22 @@ def test_kept_tokens_are_found_and_streaming_keeps_its_sink_and_window(peer_pyth
             expected[:4] = True
             expected[length - (round(0.5 * length) - 4):] = True
             assert (mask == expected).all(), key
+
+
+def test_kvzip_kept_tokens_are_what_it_leaves_unmasked_on_its_model_wide_budget(peer_python, suite, tmp_path) -> None:
+    import numpy as np
+
+    checkpoint, prompts, records = suite
+    out = tmp_path / "kept.npz"
+    done = subprocess.run([str(peer_python), str(PEER / "kept_tokens.py"), "--model", str(checkpoint), "--prompts",
+                           str(prompts), "--limit", "1", "--methods", "KVzip", "--kept", "0.3",
+                           "--dtype", "float32", "--out", str(out)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    masks = list(dict(np.load(out)).values())
+    assert len(masks) == 2  # 1 prompt x 1 press x 2 layers
+    heads, length = masks[0].shape
+    # One top-k over the whole model: the total is the budget of every (layer, head), the heads differ.
+    assert sum(int(m.sum()) for m in masks) == round(0.3 * length) * heads * len(masks)
+    counts = np.concatenate([m.sum(axis=1) for m in masks])
+    assert counts.min() < counts.max()

@@ -8,7 +8,8 @@ other half of `benchmarks/kept_overlap.py`, run in kvpress's environment.
 The context is prefilled under the press, as `run.py` does for the question-agnostic protocol.
 A press drops rows of the key cache without saying which; each kept key row is found in the keys
 of an uncompressed prefill of the same context (the same kernels: the rows are bit-identical,
-checked), which gives the kept positions. Output: one boolean array (KV heads, context tokens)
+checked), which gives the kept positions. A press that masks per head instead (KVzip, AdaKV)
+names what it masks (`masked_key_indices` of each attention module): the rest is kept. Output: one boolean array (KV heads, context tokens)
 per `method|id|kept fraction|layer` key in an .npz file.
 """
 
@@ -42,6 +43,16 @@ def kept_positions(compressed_keys, full_keys) -> np.ndarray:
     return mask
 
 
+def unmasked(attention, shape) -> np.ndarray:
+    """(heads, L) booleans: the keys a head-masking press left unmasked in this attention module
+    (masked_key_indices: batch, head and position index tensors; None: nothing masked)."""
+    mask = np.ones(tuple(shape), dtype=bool)
+    masked = getattr(attention, "masked_key_indices", None)
+    if masked is not None:
+        mask[masked[1].cpu().numpy(), masked[2].cpu().numpy()] = False
+    return mask
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a local Hugging Face checkpoint directory")
@@ -54,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="the .npz file to write")
     args = parser.parse_args(argv)
     methods = [run.parse_method(name) for name in run.split_methods(args.methods)]
-    if any(m.masks_heads or m.needs_eager or m.wrapper for m in methods):
-        parser.error("--methods: scorer presses on SDPA only (TOVA, SnapKV, KeyDiff, StreamingLLM, ...)")
+    if any(m.needs_eager or (m.wrapper and not m.masks_heads) for m in methods):
+        parser.error("--methods: presses on SDPA only (TOVA, SnapKV, KeyDiff, StreamingLLM, KVzip, AdaKV(...), ...)")
     kept = run.parse_kept(args.kept)
 
     import torch
@@ -82,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
                     with press(model):
                         model.model(input_ids=ids, past_key_values=cache)
                     for layer in range(layers):
-                        mask = kept_positions(cache.layers[layer].keys[0], full.layers[layer].keys[0])
+                        if method.masks_heads:
+                            mask = unmasked(model.model.layers[layer].self_attn, cache.layers[layer].keys.shape[1:3])
+                        else:
+                            mask = kept_positions(cache.layers[layer].keys[0], full.layers[layer].keys[0])
                         out[f"{method.label}|{record['id']}|{fraction}|{layer}"] = mask
             print(f"kept tokens: {record['id']}", file=sys.stderr)
     np.savez_compressed(args.out, **out)
