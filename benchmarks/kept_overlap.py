@@ -98,30 +98,33 @@ def overlap(ours: np.ndarray, theirs: np.ndarray) -> float:
 
 
 def overlap_table(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray], pairs, kept: list[float]) -> str:
-    """Markdown: per pair and kept fraction, the mean overlap over prompts and layers, and the
-    lowest prompt's mean; and whether the press keeps one token set per layer (all heads alike)."""
-    cells: dict[tuple[str, str, float], list[float]] = defaultdict(list)
+    """Markdown: per pair and kept fraction, the share of their kept tokens we keep over every layer
+    and head of a prompt, its mean over prompts and the lowest prompt's; and whether the press keeps
+    one token set per layer (all heads alike). Pooled over layers, so a layer a model-wide top-k
+    leaves few tokens weighs as little as it keeps (with equal budgets: the layers' mean)."""
+    counts: dict[tuple[str, str, float], dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     shared: dict[str, list[bool]] = defaultdict(list)
     for key, mask in theirs.items():
         press, prompt, fraction, layer = key.split("|")
         shared[press].append(bool((mask == mask[:1]).all()))
         for policy, peer in pairs:
-            if peer == press and f"{policy}|{prompt}|{fraction}|{layer}" in ours:
-                cells[(policy, peer, float(fraction))].append((prompt, overlap(ours[f"{policy}|{prompt}|{fraction}|{layer}"], mask)))
+            mine = ours.get(f"{policy}|{prompt}|{fraction}|{layer}")
+            if peer == press and mine is not None:
+                overlap(mine, mask)  # the same tokens, or ValueError
+                cell = counts[(policy, peer, float(fraction))][prompt]
+                cell[0] += int((mine & mask).sum())
+                cell[1] += int(mask.sum())
     lines = ["| kvevict | kvpress (one set per layer?) | " + " | ".join(f"{k:.0%} kept" for k in kept) + " |",
              "|---|---|" + "---|" * len(kept)]
     for policy, peer in pairs:
         row = []
         for fraction in kept:
-            values = cells.get((policy, peer, fraction))
-            if not values:
+            prompts = counts.get((policy, peer, fraction))
+            if not prompts:
                 row.append("")
                 continue
-            by_prompt = defaultdict(list)
-            for prompt, value in values:
-                by_prompt[prompt].append(value)
-            lowest = min(np.mean(v) for v in by_prompt.values())
-            row.append(f"{100 * np.mean([v for _, v in values]):.1f}% (lowest prompt {100 * lowest:.1f}%)")
+            shares = [both / max(total, 1) for both, total in prompts.values()]
+            row.append(f"{100 * np.mean(shares):.1f}% (lowest prompt {100 * min(shares):.1f}%)")
         one_set = "yes" if shared.get(peer) and all(shared[peer]) else "no"
         lines.append(f"| {policy} | {peer} ({one_set}) | " + " | ".join(row) + " |")
     return "\n".join(lines)

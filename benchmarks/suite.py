@@ -31,6 +31,7 @@ from kvevict.evaluation.ruler_records import read_prompts, write_prompts
 from kvevict.evaluation.suite_grid import BASES, FULL, HEADLINE, KEPT, RECONSTRUCT_CHUNK, Job, kvevict_jobs, shard
 from kvevict.evaluation.suite_jobs import configured_jobs, pending, per_record, run_jobs
 from kvevict.evaluation.suite_plots import plot_suite
+from kvevict.cli_options import STATISTICS_DTYPES
 from kvevict.evaluation.suite_processes import grid_processes, load_model_tokenizer, run_processes
 from kvevict.evaluation.suite_report import done_keys, read_rows
 from kvevict.evaluation.suite_runner import PROTOCOLS
@@ -50,7 +51,7 @@ def planned_jobs(args: argparse.Namespace, prompts: list[dict]) -> list[tuple[Jo
                                      full_cache=not args.skip_full_cache, lookahead=args.lookahead,
                                      reconstruct=args.reconstruct, reconstruct_pool=args.reconstruct_pool,
                                      profile=args.head_profile.read_bytes() if args.head_profile else b"",
-                                     floor=args.floor, recent=args.recent)
+                                     floor=args.floor, recent=args.recent, statistics_dtype=args.statistics_dtype)
     return shard(per_record(per_prompt, prompts), *args.shard)
 
 
@@ -157,6 +158,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="skip the rows these results CSVs hold too (other shards, earlier runs)")
     runner.add_argument("--device", default="cpu")
     runner.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    runner.add_argument("--statistics-dtype", default="auto", choices=tuple(STATISTICS_DTYPES),
+                        help="the statistics' wire dtype (auto: the manager's choice; rows named "
+                             "'<method> (<dtype> statistics)' otherwise)")
     runner.add_argument("--threads", type=int, default=1)
     runner.add_argument("--no-progress", action="store_true")
     tables = commands.add_parser("table", help="markdown tables of results CSVs (kvevict's and peers')")

@@ -35,6 +35,13 @@ def test_the_table_reports_means_lowest_prompts_and_one_set_per_layer() -> None:
     assert "| a | P (yes) | 62.5% (lowest prompt 25.0%) |" in table
 
 
+def test_the_table_pools_a_prompts_layers_by_what_they_keep() -> None:
+    # Layer 0 keeps 1 token (we have it), layer 1 keeps 3 (we have 1): 2 of 4, not (100% + 33%) / 2.
+    theirs = {"P|p0|0.1|0": np.array([[1, 0, 0, 0]], dtype=bool), "P|p0|0.1|1": np.array([[1, 1, 1, 0]], dtype=bool)}
+    ours = {"a|p0|0.1|0": np.array([[1, 0, 0, 0]], dtype=bool), "a|p0|0.1|1": np.array([[1, 0, 0, 1]], dtype=bool)}
+    assert "| a | P (yes) | 50.0% (lowest prompt 50.0%) |" in overlap_script.overlap_table(ours, theirs, [("a", "P")], [0.1])
+
+
 def test_a_per_head_answer_reads_back_as_each_heads_mask() -> None:
     from kvevict import wire
     from kvevict.v1 import cache_manager_pb2 as pb

@@ -89,3 +89,13 @@ def test_the_grid_runs_both_shards_and_transformers_and_tables_them(tmp_path) ->
     assert suite.main(["grid", "--model", str(checkpoint), "--out", str(out), "--prompts", str(prompts), "--kept",
                        "0.5", "--kvpress-venv", str(tmp_path / "absent"), "--jobs", "3", "--no-progress"]) == 0
     assert sum(len(read_rows(path)) for path in out.glob("kvevict-*.csv")) == len(expected)
+
+
+def test_a_statistics_dtype_reaches_the_worker_and_names_the_row() -> None:
+    from kvevict.v1 import tensor_pb2
+
+    [job] = configured_jobs(["kvzip"], ["global"], ["one_shot"], [0.1], full_cache=False, statistics_dtype="float32")
+    assert job.method == "kvzip (global) (float32 statistics)"
+    assert job.config.settings(budget=100, block_size=128).statistics_dtype == tensor_pb2.DTYPE_FLOAT32
+    [default] = configured_jobs(["kvzip"], ["global"], ["one_shot"], [0.1], full_cache=False)
+    assert default.config.settings(budget=100, block_size=128).statistics_dtype == tensor_pb2.DTYPE_UNSPECIFIED

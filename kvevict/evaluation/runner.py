@@ -23,6 +23,7 @@ from kvevict import defaults
 from kvevict.evaluation.retrieval_task import RetrievalExample
 from kvevict.policy_names import format_policy
 from kvevict.v1 import cache_manager_pb2 as pb
+from kvevict.v1 import tensor_pb2
 from kvevict.worker.cache_session import CacheSession, EvictionSettings
 from kvevict.worker.manager_client import EmbeddedManagerClient, ManagerClient
 from kvevict.worker.observers import RepeatPrompt
@@ -53,6 +54,8 @@ class EvictionConfig:
     profile: bytes = field(default=b"", repr=False)
     # BudgetSpec.floor: the per-head allocators' floor fraction (None: the allocator's default).
     floor: float | None = None
+    # The statistics' wire dtype (a tensor_pb2 DType; unspecified: the manager's choice per statistic).
+    statistics_dtype: int = tensor_pb2.DTYPE_UNSPECIFIED
 
     @property
     def name(self) -> str:
@@ -71,7 +74,8 @@ class EvictionConfig:
             spec.floor = self.floor
         return EvictionSettings(policy=policy, budget=spec,
                                 block_size=block_size, lookahead=self.lookahead, reconstruct=self.reconstruct,
-                                reconstruct_pool=self.reconstruct_pool, repeat_prompt=self.repeat_prompt)
+                                reconstruct_pool=self.reconstruct_pool, repeat_prompt=self.repeat_prompt,
+                                statistics_dtype=self.statistics_dtype)
 
 
 FULL_CACHE = EvictionConfig(base=defaults.FULL_CACHE_BASE, label="full cache")

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvevict.cache_manager.head_budgets import HEAD_ALLOCATORS
+from kvevict.cli_options import STATISTICS_DTYPES
 from kvevict.evaluation.runner import EvictionConfig
 from kvevict.policy_names import format_policy, parse_policy
 
@@ -69,13 +70,15 @@ class Job:
 
 
 def method_name(method: str, allocator: str, sink: int | None = None, lookahead: int = 0, reconstruct: int = 0,
-                reconstruct_pool: str = "max", floor: float | None = None, recent: int | None = None) -> str:
+                reconstruct_pool: str = "max", floor: float | None = None, recent: int | None = None,
+                statistics_dtype: str = "auto") -> str:
     """The row's method: the policy spelling, then what runs beside it in parentheses (the
     reconstruction's chunk and pool only where they are not the defaults)."""
     name = method if allocator == "uniform" else f"{method} ({allocator})"
     name = name if floor is None or allocator not in HEAD_ALLOCATORS else f"{name} (floor {floor:g})"
     name = name if sink is None else f"{name} (sink {sink})"
     name = name if recent is None else f"{name} (recent {recent})"
+    name = name if statistics_dtype == "auto" else f"{name} ({statistics_dtype} statistics)"
     name = name if not lookahead else f"{name} (lookahead {lookahead})"
     if reconstruct:
         detail = "".join([f" {reconstruct}" if reconstruct != RECONSTRUCT_CHUNK else "",
@@ -86,7 +89,8 @@ def method_name(method: str, allocator: str, sink: int | None = None, lookahead:
 
 def method_config(method: str, allocator: str = "uniform", sink: int | None = None, lookahead: int = 0,
                   reconstruct: int = 0, reconstruct_pool: str = "max", profile: bytes = b"",
-                  floor: float | None = None, recent: int | None = None) -> EvictionConfig:
+                  floor: float | None = None, recent: int | None = None, statistics_dtype: str = "auto"
+                  ) -> EvictionConfig:
     base, wrapper = parse_policy(method, "--methods")
     # The manager refuses a profile the allocator does not read.
     reads_profile = allocator in HEAD_ALLOCATORS and HEAD_ALLOCATORS[allocator].needs_profile
@@ -94,7 +98,8 @@ def method_config(method: str, allocator: str = "uniform", sink: int | None = No
                           lookahead=lookahead,
                           reconstruct=reconstruct, reconstruct_pool=reconstruct_pool,
                           profile=profile if reads_profile else b"",
-                          floor=floor if allocator in HEAD_ALLOCATORS else None)  # uniform has no floor
+                          floor=floor if allocator in HEAD_ALLOCATORS else None,  # uniform has no floor
+                          statistics_dtype=STATISTICS_DTYPES[statistics_dtype])
 
 
 def kvevict_jobs(kept: tuple[float, ...] = KEPT) -> list[Job]:

@@ -31,15 +31,18 @@ DoneKey = tuple[str, str, str, float, str]  # (system, method, protocol, kept fr
 def configured_jobs(methods: Sequence[str], allocators: Sequence[str], protocols: Sequence[str],
                     kept: Sequence[float], sink: int | None = None, full_cache: bool = True,
                     lookahead: int = 0, reconstruct: int = 0, reconstruct_pool: str = "max",
-                    profile: bytes = b"", floor: float | None = None, recent: int | None = None) -> list[Job]:
+                    profile: bytes = b"", floor: float | None = None, recent: int | None = None,
+                    statistics_dtype: str = "auto") -> list[Job]:
     """One record's jobs: the full cache first (unless `full_cache` is False), then every method
     (policy spelling) under every allocator, protocol and kept fraction (`profile`: the head
     profile the lukv and epicache allocators read; `floor`: the per-head allocators' floor
     fraction, None for their default; `sink` / `recent`: protected first / last tokens, None for
-    each policy's default)."""
+    each policy's default; `statistics_dtype`: the statistics' wire dtype, a
+    `kvevict.cli_options.STATISTICS_DTYPES` name)."""
     jobs = [Job(FULL_CACHE, None, "question_agnostic", 1.0)] if full_cache else []
-    jobs += [Job(method_name(m, a, sink, lookahead, reconstruct, reconstruct_pool, floor, recent),
-                 method_config(m, a, sink, lookahead, reconstruct, reconstruct_pool, profile, floor, recent),
+    jobs += [Job(method_name(m, a, sink, lookahead, reconstruct, reconstruct_pool, floor, recent, statistics_dtype),
+                 method_config(m, a, sink, lookahead, reconstruct, reconstruct_pool, profile, floor, recent,
+                               statistics_dtype),
                  protocol, fraction)
              for m in methods for a in allocators for protocol in protocols for fraction in kept]
     return jobs
