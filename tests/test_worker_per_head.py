@@ -256,3 +256,31 @@ def test_a_per_head_session_falls_back_in_process_with_its_heads_as_they_are():
     assert result.summary.manager_fallback
     assert len(result.token_ids) == 10
     assert sum(result.summary.final_head_lengths) <= 3 * 2 * 16 + 6 * 8
+
+
+@pytest.mark.parametrize("policy", ["laprox", "querycaote"])
+def test_observer_queries_score_a_per_head_session_as_they_score_a_uniform_one(policy):
+    """Question-aware (the question's queries observe every report) in a per-head session, the
+    window policies' per-query errors included: laprox's output projection is sized from the
+    cache, since with observers no block's values reach the statistics. With a floor of the whole
+    budget every head keeps what uniform keeps, so the logits after the context are uniform's."""
+    model = _model()
+    ids = torch.randint(3, 97, (52,), generator=torch.Generator().manual_seed(13))
+    context, question = ids[:46], ids[46:]
+
+    def prefill(budget: pb.BudgetSpec) -> tuple[torch.Tensor, list[int]]:
+        settings = EvictionSettings(policy=pb.PolicySpec(base=policy, window=4), budget=budget, block_size=8,
+                                    statistics_dtype=tensor_pb2.DTYPE_FLOAT32)
+        session = CacheSession(model, EmbeddedManagerClient(), settings)
+        try:
+            session.observe_queries_of(question, first_position=len(context))
+            logits = session.prefill(context)
+            return logits, session.cache_counts()["final_lengths"]
+        finally:
+            session.close()
+
+    uniform, uniform_lengths = prefill(pb.BudgetSpec(tokens=12))
+    per_head, per_head_lengths = prefill(pb.BudgetSpec(tokens=12, allocator="adahead", floor=1.0))
+    assert max(uniform_lengths) < len(context)  # it evicted
+    assert per_head_lengths == uniform_lengths
+    assert torch.allclose(per_head, uniform, rtol=1e-4, atol=1e-5)

@@ -165,7 +165,8 @@ def _attend_ragged(module: torch.nn.Module, query: torch.Tensor, cache: Any, lay
                                                scaling, None)
             collector.record_attention(layer, probs, skipped=first, queries=q_len,
                                        values=None if values is None else values[0],
-                                       logits=logits if collector.needs_logits else None, module=module)
+                                       logits=logits if collector.needs_logits else None, module=module,
+                                       kv_shape=(store.num_kv_heads, query.shape[-1]))
         return out, None
     keys, values, visible = _left_aligned(store, layer, q_len)
     probs, logits = _probabilities(query, keys, visible, store.num_kv_heads, scaling, softcap)

@@ -126,16 +126,19 @@ class StatisticsCollector:
 
     def record_attention(self, layer: int, probs: torch.Tensor | None, skipped: int = 0,
                          queries: int | None = None, values: torch.Tensor | None = None,
-                         logits: torch.Tensor | None = None, module: torch.nn.Module | None = None) -> None:
+                         logits: torch.Tensor | None = None, module: torch.nn.Module | None = None,
+                         kv_shape: tuple[int, int] | None = None) -> None:
         """Takes one layer's float32 probabilities (Hkv, g, q, L) over its current cache, of the
         forward's `queries` queries but the `skipped` first (first_needed_query; None: none);
         with output errors to measure, the layer's values (Hkv, L, d) and, for the key error,
-        the probabilities' logits."""
-        if self._needs_projection and layer not in self._projections and module is not None and values is not None:
-            weight = output_projection(module).detach()
-            heads, head_dim = values.shape[0], values.shape[-1]
-            self._projections[layer] = (projected_gram(weight, heads, head_dim),
-                                        projection_slices(weight, heads, head_dim))
+        the probabilities' logits. `kv_shape` (KV heads, head dim) sizes the output projection
+        when no values come (observers' errors are measured at the report, from the cache)."""
+        if self._needs_projection and layer not in self._projections and module is not None:
+            heads, head_dim = (values.shape[0], values.shape[-1]) if values is not None else kv_shape or (0, 0)
+            if heads:
+                weight = output_projection(module).detach()
+                self._projections[layer] = (projected_gram(weight, heads, head_dim),
+                                            projection_slices(weight, heads, head_dim))
         q_len = queries if queries is not None else skipped + probs.shape[2]
         first = self._queries_seen[layer] + skipped
         self._queries_seen[layer] += q_len
