@@ -9,8 +9,9 @@ The context is prefilled under the press, as `run.py` does for the question-agno
 A press drops rows of the key cache without saying which; each kept key row is found in the keys
 of an uncompressed prefill of the same context (the same kernels: the rows are bit-identical,
 checked), which gives the kept positions. A press that masks per head instead (KVzip, AdaKV)
-names what it masks (`masked_key_indices` of each attention module): the rest is kept. Output: one boolean array (KV heads, context tokens)
-per `method|id|kept fraction|layer` key in an .npz file.
+names what it masks (`masked_key_indices` of each attention module): the rest is kept. Output:
+one boolean array (KV heads, context tokens) per `method|id|kept fraction|layer` key in an .npz
+file.
 """
 
 from __future__ import annotations
