@@ -315,17 +315,24 @@ def test_every_default_press_runs_question_aware_on_its_budget(peer_python, suit
         assert entry["kept_per_head"] == pytest.approx(budget, abs=1e-9), entry["method"]
 
 
-def test_kept_tokens_are_found_and_streaming_keeps_its_sink_and_window(peer_python, suite, tmp_path) -> None:
+def _kept_tokens(peer_python, suite, tmp_path, limit: int, methods: str, kept: str) -> dict:
+    """kept_tokens.py's masks (`method|id|kept|layer` -> (KV heads, tokens)) on the suite's prompts."""
     import numpy as np
 
-    checkpoint, prompts, records = suite
+    checkpoint, prompts, _ = suite
     out = tmp_path / "kept.npz"
     done = subprocess.run([str(peer_python), str(PEER / "kept_tokens.py"), "--model", str(checkpoint), "--prompts",
-                           str(prompts), "--limit", "2", "--methods", "StreamingLLM,TOVA", "--kept", "0.5",
+                           str(prompts), "--limit", str(limit), "--methods", methods, "--kept", kept,
                            "--dtype", "float32", "--out", str(out)], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
-    kept = dict(np.load(out))
+    return dict(np.load(out))
+
+
+def test_kept_tokens_are_found_and_streaming_keeps_its_sink_and_window(peer_python, suite, tmp_path) -> None:
+    import numpy as np
+
+    kept = _kept_tokens(peer_python, suite, tmp_path, limit=2, methods="StreamingLLM,TOVA", kept="0.5")
     assert len(kept) == 2 * 2 * 2  # 2 prompts x 2 presses x 2 layers
     for key, mask in kept.items():
         press, _, _, _ = key.split("|")
@@ -341,14 +348,7 @@ def test_kept_tokens_are_found_and_streaming_keeps_its_sink_and_window(peer_pyth
 def test_kvzip_kept_tokens_are_what_it_leaves_unmasked_on_its_model_wide_budget(peer_python, suite, tmp_path) -> None:
     import numpy as np
 
-    checkpoint, prompts, records = suite
-    out = tmp_path / "kept.npz"
-    done = subprocess.run([str(peer_python), str(PEER / "kept_tokens.py"), "--model", str(checkpoint), "--prompts",
-                           str(prompts), "--limit", "1", "--methods", "KVzip", "--kept", "0.3",
-                           "--dtype", "float32", "--out", str(out)], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stderr[-4000:]
-    masks = list(dict(np.load(out)).values())
+    masks = list(_kept_tokens(peer_python, suite, tmp_path, limit=1, methods="KVzip", kept="0.3").values())
     assert len(masks) == 2  # 1 prompt x 1 press x 2 layers
     heads, length = masks[0].shape
     # One top-k over the whole model: the total is the budget of every (layer, head), the heads differ.
