@@ -89,12 +89,18 @@ def kvevict_kept(model, tokenizer, records: list[dict], policies: list[str], kep
     return out
 
 
+def shared_counts(ours: np.ndarray, theirs: np.ndarray) -> tuple[int, int]:
+    """(|ours & theirs|, |theirs|) over every KV head; ValueError if the masks cover different tokens."""
+    if ours.shape != theirs.shape:
+        raise ValueError(f"masks of shapes {ours.shape} and {theirs.shape} cover different tokens")
+    return int((ours & theirs).sum()), int(theirs.sum())
+
+
 def overlap(ours: np.ndarray, theirs: np.ndarray) -> float:
     """|ours & theirs| / |theirs| over every KV head: the share of their kept tokens we keep (with
     equal budgets per head, the mean of the heads' shares; a head they empty counts for nothing)."""
-    if ours.shape != theirs.shape:
-        raise ValueError(f"masks of shapes {ours.shape} and {theirs.shape} cover different tokens")
-    return float((ours & theirs).sum() / max(int(theirs.sum()), 1))
+    both, total = shared_counts(ours, theirs)
+    return both / max(total, 1)
 
 
 def overlap_table(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray], pairs, kept: list[float]) -> str:
@@ -110,10 +116,10 @@ def overlap_table(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray], pa
         for policy, peer in pairs:
             mine = ours.get(f"{policy}|{prompt}|{fraction}|{layer}")
             if peer == press and mine is not None:
-                overlap(mine, mask)  # the same tokens, or ValueError
+                both, total = shared_counts(mine, mask)
                 cell = counts[(policy, peer, float(fraction))][prompt]
-                cell[0] += int((mine & mask).sum())
-                cell[1] += int(mask.sum())
+                cell[0] += both
+                cell[1] += total
     lines = ["| kvevict | kvpress (one set per layer?) | " + " | ".join(f"{k:.0%} kept" for k in kept) + " |",
              "|---|---|" + "---|" * len(kept)]
     for policy, peer in pairs:

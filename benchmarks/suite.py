@@ -26,12 +26,14 @@ from pathlib import Path
 
 import torch
 
+from kvevict.cache_manager.head_budgets import HEAD_ALLOCATORS
+from kvevict.cli_options import STATISTICS_DTYPES
 from kvevict.evaluation.ruler import make_records
 from kvevict.evaluation.ruler_records import read_prompts, write_prompts
-from kvevict.evaluation.suite_grid import BASES, FULL, HEADLINE, KEPT, RECONSTRUCT_CHUNK, Job, kvevict_jobs, shard
+from kvevict.evaluation.suite_grid import (BASES, FULL, HEADLINE, KEPT, RECONSTRUCT_CHUNK, Job, floor_of, kvevict_jobs,
+                                          shard)
 from kvevict.evaluation.suite_jobs import configured_jobs, pending, per_record, run_jobs
 from kvevict.evaluation.suite_plots import plot_suite
-from kvevict.cli_options import STATISTICS_DTYPES
 from kvevict.evaluation.suite_processes import grid_processes, load_model_tokenizer, run_processes
 from kvevict.evaluation.suite_report import done_keys, read_rows
 from kvevict.evaluation.suite_runner import PROTOCOLS
@@ -199,8 +201,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--reconstruct: a number of context tokens >= 1, got {args.reconstruct}")
         if args.floor is not None and not 0 <= args.floor <= 1:
             parser.error(f"--floor: a fraction in [0, 1], got {args.floor}")
-        if args.floor is not None and all(a == "uniform" for a in args.allocators):
-            parser.error("--floor: only the per-head allocators have a floor; give --allocators")
+        if args.floor is not None and all(floor_of(a, args.floor) is None for a in args.allocators):
+            parser.error(f"--floor: only the allocators {', '.join(HEAD_ALLOCATORS)} have a floor; give one "
+                         "with --allocators")
         if args.recent is not None and args.recent < 0:
             parser.error(f"--recent: a number of tokens >= 0, got {args.recent}")
         if args.sink is not None and args.sink < 0:

@@ -75,7 +75,8 @@ def method_name(method: str, allocator: str, sink: int | None = None, lookahead:
     """The row's method: the policy spelling, then what runs beside it in parentheses (the
     reconstruction's chunk and pool only where they are not the defaults)."""
     name = method if allocator == "uniform" else f"{method} ({allocator})"
-    name = name if floor is None or allocator not in HEAD_ALLOCATORS else f"{name} (floor {floor:g})"
+    floor = floor_of(allocator, floor)
+    name = name if floor is None else f"{name} (floor {floor:g})"
     name = name if sink is None else f"{name} (sink {sink})"
     name = name if recent is None else f"{name} (recent {recent})"
     name = name if statistics_dtype == "auto" else f"{name} ({statistics_dtype} statistics)"
@@ -85,6 +86,12 @@ def method_name(method: str, allocator: str, sink: int | None = None, lookahead:
                           f" {reconstruct_pool}" if reconstruct_pool != "max" else ""])
         name = f"{name} (reconstruct{detail})"
     return name
+
+
+def floor_of(allocator: str, floor: float | None) -> float | None:
+    """The floor `allocator` is given: None for the allocators without one (uniform, pyramid,
+    adaptive), which the manager would refuse it."""
+    return floor if allocator in HEAD_ALLOCATORS else None
 
 
 def method_config(method: str, allocator: str = "uniform", sink: int | None = None, lookahead: int = 0,
@@ -98,7 +105,7 @@ def method_config(method: str, allocator: str = "uniform", sink: int | None = No
                           lookahead=lookahead,
                           reconstruct=reconstruct, reconstruct_pool=reconstruct_pool,
                           profile=profile if reads_profile else b"",
-                          floor=floor if allocator in HEAD_ALLOCATORS else None,  # uniform has no floor
+                          floor=floor_of(allocator, floor),
                           statistics_dtype=STATISTICS_DTYPES[statistics_dtype])
 
 

@@ -134,8 +134,9 @@ class StatisticsCollector:
         the probabilities' logits. `kv_shape` (KV heads, head dim) sizes the output projection
         when no values come (observers' errors are measured at the report, from the cache)."""
         if self._needs_projection and layer not in self._projections and module is not None:
-            heads, head_dim = (values.shape[0], values.shape[-1]) if values is not None else kv_shape or (0, 0)
-            if heads:
+            shape = (values.shape[0], values.shape[-1]) if values is not None else kv_shape
+            if shape is not None:
+                heads, head_dim = shape
                 weight = output_projection(module).detach()
                 self._projections[layer] = (projected_gram(weight, heads, head_dim),
                                             projection_slices(weight, heads, head_dim))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvevict.cache_manager.errors import InvalidArgument
-from kvevict.cache_manager.policies.snapkv import _DEFAULT_WINDOW, SnapKV
+from kvevict.cache_manager.policies.snapkv import SnapKV
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class KVzip(SnapKV):
     def from_options(cls, *, window: int = 0, pool_kernel: int = 0, seed: int = 0) -> KVzip:
         if pool_kernel not in (0, 1):
             raise InvalidArgument("policy.pool_kernel", f"kvzip scores each token alone (1), got {pool_kernel}")
-        return cls(window=window or _DEFAULT_WINDOW, pool_kernel=1)
+        return super().from_options(window=window, pool_kernel=1)
 
     def default_recent(self, budget: int) -> int:
         return 0  # KVzip keeps what its queries attend to, the last tokens included or not
